@@ -1,0 +1,26 @@
+/** The machines by stream kind. A stream id is `<kind>:<rest>`: `vm:<id>`, `partition:<host>:<n>`, `host:<id>`. */
+import { hostMachine, HOST_MACHINE_VERSION } from './host.ts';
+import { partitionMachine, PARTITION_MACHINE_VERSION } from './partition.ts';
+import { vmMachine, VM_MACHINE_VERSION } from './vm.ts';
+
+export const machines = {
+  vm: { machine: vmMachine, version: VM_MACHINE_VERSION },
+  partition: { machine: partitionMachine, version: PARTITION_MACHINE_VERSION },
+  host: { machine: hostMachine, version: HOST_MACHINE_VERSION },
+} as const;
+
+export type StreamKind = keyof typeof machines;
+
+export function streamKind(streamId: string): StreamKind {
+  const kind = streamId.slice(0, streamId.indexOf(':'));
+  if (kind !== 'vm' && kind !== 'partition' && kind !== 'host') throw new Error(`unknown stream kind in ${JSON.stringify(streamId)}`);
+  return kind;
+}
+
+export const vmStream = (vmId: string) => `vm:${vmId}`;
+export const partitionStream = (hostId: string, partitionId: number) => `partition:${hostId}:${partitionId}`;
+export const hostStream = (hostId: string) => `host:${hostId}`;
+
+export * from './vm.ts';
+export * from './partition.ts';
+export * from './host.ts';

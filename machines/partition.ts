@@ -1,0 +1,227 @@
+/**
+ * The lifecycle of one Fabric Manager partition on one host, as an operator's runbook.
+ *
+ *   new ──REGISTER──▶ free
+ *   free ──CLAIM(vm)──▶ preparing    [prepareGpus]          GPUs on nvidia, idle, optionally reset
+ *        ──GPUS_READY──▶ activating  [activatePartition]    fmpm -a ID
+ *        ──ACTIVATED──▶ confirmingActive [confirmActive]    fmpm -l says isActive 1
+ *        ──CONFIRMED_ACTIVE──▶ binding [bindVfio]           every function of every IOMMU group to vfio-pci
+ *        ──BOUND_VFIO──▶ ready        [notifyVm READY]      the VM may start QEMU
+ *   ready ──RELEASE──▶ unbinding     [bindHost]             (the VM sends RELEASE only after QEMU has exited)
+ *        ──BOUND_HOST──▶ deactivating [deactivatePartition] fmpm -d ID
+ *        ──DEACTIVATED──▶ confirmingInactive [confirmInactive]
+ *        ──CONFIRMED_INACTIVE──▶ free [notifyVm RELEASED | FAILED]   the GPU claims are dropped
+ *
+ * A step that fails for good (EFFECT_FAILED) during start-up unwinds through the same release path,
+ * which is safe to run from any point because every handler observes before it acts. A failure while
+ * releasing leaves the partition `broken`: its GPUs stay claimed until an operator repairs the host.
+ * RELEASE during start-up is remembered and honoured when the step in flight completes, so a partition
+ * never has two effects in flight.
+ *
+ * Pure: no I/O, no clock, no randomness. Effects are named actions with params.
+ */
+import { assign, setup } from 'xstate';
+
+export const PARTITION_MACHINE_VERSION = 1;
+
+export interface PartitionGpu {
+  moduleId: number;
+  pciAddress: string;
+}
+
+export interface PartitionContext {
+  hostId: string;
+  partitionId: number;
+  gpus: PartitionGpu[];
+  /** The VM holding the claim, null when free. */
+  vmId: string | null;
+  releaseRequested: boolean;
+  /** Why the current cycle is unwinding, null on a normal release. */
+  failure: string | null;
+  /** Number of claim cycles so far; part of every effect's identity in logs. */
+  cycle: number;
+}
+
+export type PartitionEvent =
+  | { type: 'REGISTER'; hostId: string; partitionId: number; gpus: PartitionGpu[] }
+  | { type: 'CLAIM'; vmId: string }
+  | { type: 'GPUS_READY' }
+  | { type: 'ACTIVATED'; outcome: 'activated' | 'already-active' }
+  | { type: 'CONFIRMED_ACTIVE' }
+  | { type: 'BOUND_VFIO' }
+  | { type: 'RELEASE'; vmId: string }
+  | { type: 'BOUND_HOST' }
+  | { type: 'DEACTIVATED'; outcome: 'deactivated' | 'already-inactive' }
+  | { type: 'CONFIRMED_INACTIVE' }
+  | { type: 'EFFECT_FAILED'; effect: string; error: string };
+
+/** Params every partition effect carries: enough for a handler to act without reading the log. */
+export interface PartitionEffectParams {
+  hostId: string;
+  partitionId: number;
+  vmId: string;
+  gpus: PartitionGpu[];
+}
+
+export type VmNotice = 'PARTITION_READY' | 'PARTITION_RELEASED' | 'PARTITION_FAILED';
+
+const effectParams = ({ context }: { context: PartitionContext }): PartitionEffectParams => ({
+  hostId: context.hostId,
+  partitionId: context.partitionId,
+  vmId: context.vmId!,
+  gpus: context.gpus,
+});
+
+export const partitionMachine = setup({
+  types: {} as { context: PartitionContext; events: PartitionEvent },
+  actions: {
+    // Effects: declared here, executed by the engine's workers (src/engine/handlers.ts).
+    prepareGpus: (_, _params: PartitionEffectParams) => {},
+    activatePartition: (_, _params: PartitionEffectParams) => {},
+    confirmActive: (_, _params: PartitionEffectParams) => {},
+    bindVfio: (_, _params: PartitionEffectParams) => {},
+    bindHost: (_, _params: PartitionEffectParams) => {},
+    deactivatePartition: (_, _params: PartitionEffectParams) => {},
+    confirmInactive: (_, _params: PartitionEffectParams) => {},
+    notifyVm: (_, _params: PartitionEffectParams & { notice: VmNotice; reason: string | null }) => {},
+    rememberRelease: assign({ releaseRequested: true }),
+    recordFailure: assign({
+      failure: ({ event }) => (event.type === 'EFFECT_FAILED' ? `${event.effect}: ${event.error}` : null),
+    }),
+  },
+  guards: {
+    releaseRequested: ({ context }) => context.releaseRequested,
+    claimantIsHolder: ({ context, event }) => event.type === 'RELEASE' && event.vmId === context.vmId,
+  },
+}).createMachine({
+  id: 'partition',
+  initial: 'new',
+  context: { hostId: '', partitionId: -1, gpus: [], vmId: null, releaseRequested: false, failure: null, cycle: 0 },
+  states: {
+    new: {
+      on: {
+        REGISTER: {
+          target: 'free',
+          actions: assign(({ event }) => ({
+            hostId: event.hostId,
+            partitionId: event.partitionId,
+            gpus: event.gpus,
+          })),
+        },
+      },
+    },
+
+    free: {
+      on: {
+        CLAIM: {
+          target: 'preparing',
+          actions: assign(({ context, event }) => ({
+            vmId: event.vmId,
+            releaseRequested: false,
+            failure: null,
+            cycle: context.cycle + 1,
+          })),
+        },
+      },
+    },
+
+    // ── start-up: each step has one effect in flight; RELEASE is remembered, failures unwind ──
+    preparing: {
+      entry: { type: 'prepareGpus', params: effectParams },
+      on: {
+        GPUS_READY: [{ guard: 'releaseRequested', target: 'unbinding' }, { target: 'activating' }],
+        RELEASE: { guard: 'claimantIsHolder', actions: 'rememberRelease' },
+        EFFECT_FAILED: { target: 'unbinding', actions: 'recordFailure' },
+      },
+    },
+    activating: {
+      entry: { type: 'activatePartition', params: effectParams },
+      on: {
+        ACTIVATED: [{ guard: 'releaseRequested', target: 'unbinding' }, { target: 'confirmingActive' }],
+        RELEASE: { guard: 'claimantIsHolder', actions: 'rememberRelease' },
+        EFFECT_FAILED: { target: 'unbinding', actions: 'recordFailure' },
+      },
+    },
+    confirmingActive: {
+      entry: { type: 'confirmActive', params: effectParams },
+      on: {
+        CONFIRMED_ACTIVE: [{ guard: 'releaseRequested', target: 'unbinding' }, { target: 'binding' }],
+        RELEASE: { guard: 'claimantIsHolder', actions: 'rememberRelease' },
+        EFFECT_FAILED: { target: 'unbinding', actions: 'recordFailure' },
+      },
+    },
+    binding: {
+      entry: { type: 'bindVfio', params: effectParams },
+      on: {
+        BOUND_VFIO: [{ guard: 'releaseRequested', target: 'unbinding' }, { target: 'ready' }],
+        RELEASE: { guard: 'claimantIsHolder', actions: 'rememberRelease' },
+        EFFECT_FAILED: { target: 'unbinding', actions: 'recordFailure' },
+      },
+    },
+
+    ready: {
+      entry: {
+        type: 'notifyVm',
+        params: ({ context }) => ({ ...effectParams({ context }), notice: 'PARTITION_READY' as const, reason: null }),
+      },
+      on: {
+        RELEASE: { guard: 'claimantIsHolder', target: 'unbinding', actions: 'rememberRelease' },
+      },
+    },
+
+    // ── release: the same path serves a normal release and an unwind after a failure ──
+    unbinding: {
+      entry: { type: 'bindHost', params: effectParams },
+      on: {
+        BOUND_HOST: { target: 'deactivating' },
+        RELEASE: { guard: 'claimantIsHolder', actions: 'rememberRelease' },
+        EFFECT_FAILED: { target: 'broken', actions: 'recordFailure' },
+      },
+    },
+    deactivating: {
+      entry: { type: 'deactivatePartition', params: effectParams },
+      on: {
+        DEACTIVATED: { target: 'confirmingInactive' },
+        RELEASE: { guard: 'claimantIsHolder', actions: 'rememberRelease' },
+        EFFECT_FAILED: { target: 'broken', actions: 'recordFailure' },
+      },
+    },
+    confirmingInactive: {
+      entry: { type: 'confirmInactive', params: effectParams },
+      on: {
+        CONFIRMED_INACTIVE: {
+          target: 'free',
+          actions: [
+            {
+              type: 'notifyVm',
+              params: ({ context }) => ({
+                ...effectParams({ context }),
+                notice: context.failure ? ('PARTITION_FAILED' as const) : ('PARTITION_RELEASED' as const),
+                reason: context.failure,
+              }),
+            },
+            assign({ vmId: null, releaseRequested: false }),
+          ],
+        },
+        RELEASE: { guard: 'claimantIsHolder', actions: 'rememberRelease' },
+        EFFECT_FAILED: { target: 'broken', actions: 'recordFailure' },
+      },
+    },
+
+    /** Release failed for good: the claim stays so nothing is placed on these GPUs; an operator must act. */
+    broken: {
+      entry: {
+        type: 'notifyVm',
+        params: ({ context }) => ({ ...effectParams({ context }), notice: 'PARTITION_FAILED' as const, reason: context.failure }),
+      },
+      on: {
+        RELEASE: { guard: 'claimantIsHolder', actions: 'rememberRelease' },
+      },
+    },
+  },
+});
+
+/** States in which the partition holds its GPU claims. */
+export function partitionHoldsClaim(state: string): boolean {
+  return state !== 'new' && state !== 'free';
+}

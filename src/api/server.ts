@@ -1,0 +1,104 @@
+/**
+ * The HTTP JSON API, on loopback by default. The CLI is its main client: with embedded PGlite only
+ * one process may open the database, so everything goes through the service.
+ *
+ *   GET    /v1/health               service, host and database facts
+ *   POST   /v1/vms                  { gpus: 1|2|4|8, name? } → 202 the VM (provisioning)
+ *   GET    /v1/vms[?all=true]       live VMs (all=true includes deleted ones)
+ *   GET    /v1/vms/:id              one VM
+ *   DELETE /v1/vms/:id              → 202 the VM (stopping / releasing / deleted)
+ *   GET    /v1/vms/:id/history      every event of the VM and its partition, with effect tries
+ *   GET    /v1/partitions           the host's partitions and who holds them
+ *
+ * Errors are `{ "error": { "code", "message" } }` with 400/404/409; nothing is written on error.
+ */
+import { randomUUID } from 'node:crypto';
+import Fastify, { type FastifyInstance } from 'fastify';
+import { z } from 'zod';
+import { badRequest, GpuvmError } from '../errors.ts';
+import type { Logger } from '../log.ts';
+import type { VmService } from '../engine/vms.ts';
+import { VM_ID_PATTERN, VM_NAME_PATTERN } from '../engine/vms.ts';
+import type { Kysely } from 'kysely';
+import type { Database } from '../store/schema.ts';
+
+export interface ApiDeps {
+  vms: VmService;
+  db: Kysely<Database>;
+  log: Logger;
+  health: () => Promise<Record<string, unknown>>;
+}
+
+const createVmBody = z
+  .object({
+    gpus: z.number({ error: 'gpus must be a number: 1, 2, 4 or 8' }).int('gpus must be a whole number: 1, 2, 4 or 8'),
+    name: z
+      .string({ error: 'name must be a string' })
+      .max(63, 'name is longer than 63 characters')
+      .regex(VM_NAME_PATTERN, "name may hold only letters, digits, '.', '_' and '-', and starts with a letter or digit")
+      .optional(),
+  })
+  .strict();
+
+function parseBody<T>(schema: z.ZodType<T>, body: unknown): T {
+  if (body === undefined || body === null || typeof body !== 'object') throw badRequest('expected a JSON object body');
+  const result = schema.safeParse(body);
+  if (!result.success) {
+    const issue = result.error.issues[0]!;
+    const field = issue.path.join('.');
+    throw badRequest(issue.code === 'unrecognized_keys' ? `unknown field(s): ${(issue as { keys: string[] }).keys.join(', ')}` : `${field ? field + ': ' : ''}${issue.message}`);
+  }
+  return result.data;
+}
+
+function vmId(raw: string): string {
+  if (!VM_ID_PATTERN.test(raw)) throw badRequest(`invalid VM id ${JSON.stringify(raw.slice(0, 80))}: expected vm- and 10 letters or digits`);
+  return raw;
+}
+
+export async function buildApi(deps: ApiDeps): Promise<FastifyInstance> {
+  const app = Fastify({ logger: false, bodyLimit: 64 * 1024, genReqId: () => randomUUID() });
+
+  app.setErrorHandler((err: any, req, reply) => {
+    if (err instanceof GpuvmError) {
+      return reply.status(err.status).send({ error: { code: err.code, message: err.message } });
+    }
+    if (typeof err?.statusCode === 'number' && err.statusCode >= 400 && err.statusCode < 500) {
+      const message = err.code === 'FST_ERR_CTP_INVALID_JSON_BODY' || err instanceof SyntaxError ? `malformed JSON body: ${err.message}` : err.message;
+      return reply.status(err.statusCode).send({ error: { code: 'bad-request', message } });
+    }
+    deps.log.error({ err: String(err?.stack ?? err), requestId: req.id, url: req.url }, 'request failed');
+    return reply.status(500).send({ error: { code: 'internal', message: `internal error (request ${req.id}); see the service log` } });
+  });
+  app.setNotFoundHandler((req, reply) => reply.status(404).send({ error: { code: 'not-found', message: `no route ${req.method} ${req.url}` } }));
+
+  const actor = (req: { headers: Record<string, unknown> }) => `api:${String(req.headers['x-gpuvm-actor'] ?? 'anonymous').slice(0, 64)}`;
+
+  app.get('/v1/health', async () => deps.health());
+
+  app.post('/v1/vms', async (req, reply) => {
+    const body = parseBody(createVmBody, req.body);
+    const vm = await deps.vms.create({ gpus: body.gpus, name: body.name, actor: actor(req), requestId: req.id });
+    return reply.status(202).send(vm);
+  });
+
+  app.get('/v1/vms', async (req) => {
+    const all = (req.query as Record<string, string>).all === 'true';
+    return { vms: await deps.vms.list({ includeDeleted: all }) };
+  });
+
+  app.get('/v1/vms/:id', async (req) => deps.vms.get(vmId((req.params as { id: string }).id)));
+
+  app.delete('/v1/vms/:id', async (req, reply) => {
+    const vm = await deps.vms.delete(vmId((req.params as { id: string }).id), actor(req), req.id);
+    return reply.status(202).send(vm);
+  });
+
+  app.get('/v1/vms/:id/history', async (req) => deps.vms.history(vmId((req.params as { id: string }).id)));
+
+  app.get('/v1/partitions', async () => ({
+    partitions: await deps.db.selectFrom('partitions').selectAll().orderBy('host_id').orderBy('partition_id').execute(),
+  }));
+
+  return app;
+}

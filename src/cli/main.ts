@@ -1,0 +1,249 @@
+/**
+ * The `gpuvm` command. `serve` runs the service; every other command is a client of its HTTP API
+ * (embedded PGlite admits one process, so the CLI never opens the database itself — except
+ * `migrate`, which is for a stopped service or a shared Postgres).
+ * Errors print one line and exit 1; read commands take --json.
+ */
+import { Command, CommanderError } from 'commander';
+import { loadConfig, type Config } from '../config.ts';
+import { migrate, openDb } from '../store/db.ts';
+import { join } from 'node:path';
+import { duration, table, time } from './format.ts';
+
+class CliError extends Error {}
+
+function serviceUrl(opts: { url?: string }): string {
+  return (opts.url ?? process.env.GPUVM_URL ?? `http://127.0.0.1:${process.env.GPUVM_PORT ?? 7070}`).replace(/\/+$/, '');
+}
+
+async function call<T>(base: string, method: string, path: string, body?: unknown): Promise<T> {
+  let res: Response;
+  try {
+    res = await fetch(base + path, {
+      method,
+      headers: { ...(body === undefined ? {} : { 'content-type': 'application/json' }), 'x-gpuvm-actor': `cli:${process.env.USER ?? 'unknown'}` },
+      body: body === undefined ? undefined : JSON.stringify(body),
+    });
+  } catch {
+    throw new CliError(`cannot reach the gpuvm service at ${base} (is \`gpuvm serve\` running? set --url or GPUVM_URL)`);
+  }
+  const text = await res.text();
+  let parsed: any;
+  try {
+    parsed = text ? JSON.parse(text) : null;
+  } catch {
+    throw new CliError(`the service at ${base} answered ${res.status} with something that is not JSON`);
+  }
+  if (!res.ok) throw new CliError(parsed?.error?.message ?? `the service answered ${res.status}`);
+  return parsed as T;
+}
+
+interface VmJson {
+  id: string;
+  name: string;
+  host_id: string;
+  gpu_count: number;
+  partition_id: number;
+  gpus: { moduleId: number; pciAddress: string }[];
+  state: string;
+  reason: string | null;
+  qemu_pid: number | null;
+  created_at: string;
+  updated_at: string;
+}
+
+const print = (s: string) => process.stdout.write(s + '\n');
+const json = (v: unknown) => print(JSON.stringify(v, null, 2));
+
+function vmTable(vms: VmJson[]): string {
+  return table(
+    ['ID', 'NAME', 'STATE', 'GPUS', 'PARTITION', 'MODULES', 'CREATED'],
+    vms.map((v) => [v.id, v.name, v.state, v.gpu_count, v.partition_id, v.gpus.map((g) => g.moduleId).join(','), time(v.created_at)]),
+  );
+}
+
+function vmDetail(v: VmJson): string {
+  const lines = [
+    `id:         ${v.id}`,
+    `name:       ${v.name}`,
+    `state:      ${v.state}${v.reason ? ` (${v.reason})` : ''}`,
+    `host:       ${v.host_id}`,
+    `partition:  ${v.partition_id}`,
+    `qemu pid:   ${v.qemu_pid ?? '-'}`,
+    `created:    ${time(v.created_at)}`,
+    `updated:    ${time(v.updated_at)}`,
+    `gpus:`,
+    ...v.gpus.map((g, i) => `  ${i}: module ${g.moduleId}  ${g.pciAddress}`),
+  ];
+  return lines.join('\n');
+}
+
+/** Polls until the VM reaches one of `states`, printing each state it passes through. */
+async function waitFor(base: string, id: string, states: string[], timeoutMs: number): Promise<VmJson> {
+  const deadline = Date.now() + timeoutMs;
+  let last = '';
+  for (;;) {
+    const vm = await call<VmJson>(base, 'GET', `/v1/vms/${id}`);
+    if (vm.state !== last) {
+      process.stderr.write(`${id}: ${vm.state}${vm.reason ? ` (${vm.reason})` : ''}\n`);
+      last = vm.state;
+    }
+    if (states.includes(vm.state)) return vm;
+    if (Date.now() > deadline) throw new CliError(`timed out after ${timeoutMs / 1000}s waiting for ${id} to be ${states.join(' or ')} (now ${vm.state})`);
+    await new Promise((r) => setTimeout(r, 250));
+  }
+}
+
+function program(): Command {
+  const cli = new Command('gpuvm')
+    .description('GPU VMs on NVIDIA HGX hosts in Shared NVSwitch Multitenancy')
+    .option('--url <url>', 'the gpuvm service (default GPUVM_URL or http://127.0.0.1:7070)')
+    .showHelpAfterError()
+    .exitOverride();
+
+  cli
+    .command('serve')
+    .description('run the service: effect workers and the HTTP API (simulated host and embedded database by default)')
+    .option('--port <port>', 'API port (default 7070)')
+    .option('--listen <host>', 'API address (default 127.0.0.1)')
+    .option('--data-dir <dir>', 'where the embedded database and the simulated host live (default ./.gpuvm)')
+    .option('--database-url <url>', 'use this Postgres instead of the embedded database')
+    .option('--host-id <id>', 'this host (default sim-b200)')
+    .action(async (o) => {
+      const config = loadConfig({ port: o.port, listenHost: o.listen, dataDir: o.dataDir, databaseUrl: o.databaseUrl, hostId: o.hostId });
+      const { startService } = await import('../service.ts');
+      const service = await startService(config);
+      const shutdown = async (signal: string) => {
+        service.log.info({ signal }, 'stopping');
+        await service.stop();
+        process.exit(0);
+      };
+      process.once('SIGINT', () => void shutdown('SIGINT'));
+      process.once('SIGTERM', () => void shutdown('SIGTERM'));
+    });
+
+  cli
+    .command('migrate')
+    .description('apply database migrations (the service also does this at start)')
+    .option('--data-dir <dir>')
+    .option('--database-url <url>')
+    .action(async (o) => {
+      const config: Config = loadConfig({ dataDir: o.dataDir, databaseUrl: o.databaseUrl });
+      const db = await openDb({ databaseUrl: config.databaseUrl, pgliteDir: join(config.dataDir, 'pglite') });
+      try {
+        const result = await migrate(db);
+        const applied = result.results?.filter((r) => r.status === 'Success').map((r) => r.migrationName) ?? [];
+        print(applied.length ? `applied: ${applied.join(', ')}` : 'database is up to date');
+      } finally {
+        await db.close();
+      }
+    });
+
+  const vm = cli.command('vm').description('create, list, show and delete VMs');
+
+  vm.command('create')
+    .description('create a VM with 1, 2, 4 or 8 GPUs')
+    .requiredOption('--gpus <n>', '1, 2, 4 or 8')
+    .option('--name <name>', 'a name (letters, digits, . _ -)')
+    .option('--wait', 'wait until the VM runs (or fails), printing its progress')
+    .option('--timeout <seconds>', 'with --wait', '300')
+    .option('--json', 'print JSON')
+    .action(async (o) => {
+      const base = serviceUrl(cli.opts());
+      const gpus = Number(o.gpus);
+      if (!Number.isInteger(gpus)) throw new CliError(`--gpus must be 1, 2, 4 or 8 (got ${JSON.stringify(o.gpus)})`);
+      let created = await call<VmJson>(base, 'POST', '/v1/vms', { gpus, ...(o.name === undefined ? {} : { name: o.name }) });
+      if (o.wait) {
+        created = await waitFor(base, created.id, ['running', 'failed', 'crashed', 'deleted'], Number(o.timeout) * 1000);
+        if (created.state !== 'running') throw new CliError(`VM ${created.id} ended ${created.state}: ${created.reason ?? 'no reason recorded'}`);
+      }
+      if (o.json) json(created);
+      else print(o.wait ? `${created.id} running (partition ${created.partition_id}, modules ${created.gpus.map((g) => g.moduleId).join(',')})` : `${created.id} ${created.state}`);
+    });
+
+  vm.command('ls')
+    .description('list VMs')
+    .option('--all', 'include deleted VMs')
+    .option('--json', 'print JSON')
+    .action(async (o) => {
+      const { vms } = await call<{ vms: VmJson[] }>(serviceUrl(cli.opts()), 'GET', `/v1/vms${o.all ? '?all=true' : ''}`);
+      if (o.json) json(vms);
+      else print(vms.length ? vmTable(vms) : 'no VMs');
+    });
+
+  vm.command('show')
+    .argument('<id>')
+    .description('show one VM')
+    .option('--json', 'print JSON')
+    .action(async (id, o) => {
+      const v = await call<VmJson>(serviceUrl(cli.opts()), 'GET', `/v1/vms/${encodeURIComponent(id)}`);
+      if (o.json) json(v);
+      else print(vmDetail(v));
+    });
+
+  vm.command('rm')
+    .argument('<id>')
+    .description('delete a VM: power it down, stop QEMU, return its GPUs and partition')
+    .option('--wait', 'wait until it is deleted, printing its progress')
+    .option('--timeout <seconds>', 'with --wait', '300')
+    .option('--json', 'print JSON')
+    .action(async (id, o) => {
+      const base = serviceUrl(cli.opts());
+      let v = await call<VmJson>(base, 'DELETE', `/v1/vms/${encodeURIComponent(id)}`);
+      if (o.wait) v = await waitFor(base, v.id, ['deleted', 'failed'], Number(o.timeout) * 1000);
+      if (o.json) json(v);
+      else print(`${v.id} ${v.state}`);
+    });
+
+  cli
+    .command('history')
+    .argument('<id>', 'a VM id')
+    .description('every event of a VM and its partition: time, type, state before → after, step durations, effect tries')
+    .option('--json', 'print JSON')
+    .action(async (id, o) => {
+      const h = await call<any>(serviceUrl(cli.opts()), 'GET', `/v1/vms/${encodeURIComponent(id)}/history`);
+      if (o.json) return json(h);
+      print(`VM ${h.vm.id} (${h.vm.name}) — ${h.vm.state}${h.vm.reason ? ` (${h.vm.reason})` : ''}\n`);
+      print(
+        table(
+          ['TIME', 'STREAM', 'EVENT', 'FROM → TO', 'STEP', 'ACTOR'],
+          h.events.map((e: any) => [time(e.at), e.stream, e.type, `${e.from ?? '∅'} → ${e.to}`, duration(e.stepMs), e.actor]),
+        ),
+      );
+      print('\nEffects:');
+      print(
+        table(
+          ['EFFECT', 'STREAM', 'STATUS', 'TRIES', 'DURATION', 'NOTE / LAST ERROR'],
+          h.effects.map((e: any) => [
+            e.type,
+            e.stream,
+            e.status,
+            `${e.attempts}/${e.maxAttempts}`,
+            e.tries.length ? duration(new Date(e.tries.at(-1).finishedAt).getTime() - new Date(e.tries.at(-1).startedAt).getTime()) : '',
+            e.lastError ?? e.note ?? '',
+          ]),
+        ),
+      );
+      const failedTries = h.effects.flatMap((e: any) => e.tries.filter((t: any) => t.outcome !== 'ok').map((t: any) => ({ ...t, type: e.type })));
+      if (failedTries.length) {
+        print('\nFailed tries:');
+        print(table(['EFFECT', 'TRY', 'AT', 'OUTCOME', 'ERROR'], failedTries.map((t: any) => [t.type, t.attempt, time(t.startedAt), t.outcome, t.error])));
+      }
+    });
+
+  return cli;
+}
+
+async function main(argv: string[]): Promise<void> {
+  try {
+    await program().parseAsync(argv);
+  } catch (err) {
+    if (err instanceof CommanderError) process.exit(err.exitCode);
+    const message = err instanceof Error ? err.message : String(err);
+    process.stderr.write(`gpuvm: ${message.split('\n')[0]}\n`);
+    if (process.env.GPUVM_DEBUG && err instanceof Error) process.stderr.write(`${err.stack}\n`);
+    process.exit(1);
+  }
+}
+
+await main(process.argv);

@@ -1,0 +1,138 @@
+/**
+ * What each effect does on the host. Every handler observes before it acts (is the partition
+ * already active? is the GPU already on vfio-pci? is this VM's QEMU already up?), so running it
+ * again after a crash is safe, and reports its outcome as an event for a stream.
+ */
+import { partitionStream, vmStream, type PartitionEffectParams, type StartQemuParams, type VmEffectParams, type VmNotice } from '../../machines/index.ts';
+import type { HostAdapters } from '../host/host.ts';
+import type { MachineEvent } from './decide.ts';
+import type { EffectHandlers, EffectOutcome } from './worker.ts';
+
+/** A step that must wait for the host to catch up; retried with backoff. */
+class NotYetError extends Error {
+  readonly retryable = true;
+}
+
+/** A step that cannot succeed by retrying; fails the effect at once. */
+class RefusedError extends Error {
+  readonly retryable = false;
+}
+
+const toVm = (p: { vmId: string }, event: MachineEvent): EffectOutcome => ({
+  deliver: { streamId: vmStream(p.vmId), event },
+});
+const toPartition = (p: PartitionEffectParams, event: MachineEvent): EffectOutcome => ({
+  deliver: { streamId: partitionStream(p.hostId, p.partitionId), event },
+});
+
+export function createHandlers(host: HostAdapters): EffectHandlers {
+  /** Invariant: never touch a partition's GPUs or its activation while the VM's QEMU lives. */
+  async function assertQemuGone(p: PartitionEffectParams, step: string): Promise<void> {
+    const status = await host.qemu.status(p.vmId);
+    if (status.running) throw new NotYetError(`QEMU of VM ${p.vmId} (pid ${status.pid}) is still running; ${step} of partition ${p.partitionId} waits for it to exit`);
+  }
+
+  return {
+    // ── partition ────────────────────────────────────────────────────────────
+    async prepareGpus(p: PartitionEffectParams) {
+      for (const gpu of p.gpus) {
+        const driver = await host.sysfs.driverOf(gpu.pciAddress);
+        // GPUs rest on the host driver; one left elsewhere by an interrupted cycle is brought back.
+        if (driver !== host.hostDriver) await host.sysfs.bindGroupToHost(gpu.pciAddress, host.hostDriver);
+      }
+      // Re-verify the inventory while the GPUs are visible to nvidia-smi: a wrong module → PCI
+      // mapping would hand a tenant GPUs outside its NVLink island.
+      const report = await host.nvidiaSmi.query();
+      for (const gpu of p.gpus) {
+        const seen = report.gpus.find((g) => g.pciAddress === gpu.pciAddress);
+        if (!seen) throw new NotYetError(`GPU ${gpu.pciAddress} (module ${gpu.moduleId}) is not visible to nvidia-smi`);
+        if (seen.moduleId !== gpu.moduleId) {
+          throw new RefusedError(`GPU ${gpu.pciAddress} reports Module Id ${seen.moduleId}, inventory says ${gpu.moduleId}: refusing partition ${p.partitionId}`);
+        }
+      }
+      return toPartition(p, { type: 'GPUS_READY' });
+    },
+
+    async activatePartition(p: PartitionEffectParams) {
+      if (await host.fmpm.isActive(p.partitionId)) return toPartition(p, { type: 'ACTIVATED', outcome: 'already-active' });
+      const outcome = await host.fmpm.activate(p.partitionId);
+      return toPartition(p, { type: 'ACTIVATED', outcome });
+    },
+
+    async confirmActive(p: PartitionEffectParams) {
+      if (!(await host.fmpm.isActive(p.partitionId))) throw new NotYetError(`fmpm -l does not show partition ${p.partitionId} active yet`);
+      return toPartition(p, { type: 'CONFIRMED_ACTIVE' });
+    },
+
+    async bindVfio(p: PartitionEffectParams) {
+      for (const gpu of p.gpus) {
+        const { group } = await host.sysfs.bindGroupToVfio(gpu.pciAddress);
+        if (!(await host.sysfs.vfioGroupReady(group))) throw new NotYetError(`/dev/vfio/${group} for GPU ${gpu.pciAddress} has not appeared`);
+      }
+      return toPartition(p, { type: 'BOUND_VFIO' });
+    },
+
+    async bindHost(p: PartitionEffectParams) {
+      await assertQemuGone(p, 'rebinding the GPUs');
+      for (const gpu of p.gpus) await host.sysfs.bindGroupToHost(gpu.pciAddress, host.hostDriver);
+      return toPartition(p, { type: 'BOUND_HOST' });
+    },
+
+    async deactivatePartition(p: PartitionEffectParams) {
+      await assertQemuGone(p, 'deactivation');
+      if (!(await host.fmpm.isActive(p.partitionId))) return toPartition(p, { type: 'DEACTIVATED', outcome: 'already-inactive' });
+      const outcome = await host.fmpm.deactivate(p.partitionId);
+      return toPartition(p, { type: 'DEACTIVATED', outcome });
+    },
+
+    async confirmInactive(p: PartitionEffectParams) {
+      if (await host.fmpm.isActive(p.partitionId)) throw new NotYetError(`fmpm -l still shows partition ${p.partitionId} active`);
+      return toPartition(p, { type: 'CONFIRMED_INACTIVE' });
+    },
+
+    async notifyVm(p: PartitionEffectParams & { notice: VmNotice; reason: string | null }) {
+      const event = p.notice === 'PARTITION_FAILED' ? { type: p.notice, reason: p.reason ?? 'unknown' } : { type: p.notice };
+      return toVm(p, event);
+    },
+
+    // ── vm ───────────────────────────────────────────────────────────────────
+    async startQemu(p: StartQemuParams) {
+      for (const gpu of p.gpus) {
+        const driver = await host.sysfs.driverOf(gpu.pciAddress);
+        if (driver !== 'vfio-pci') throw new RefusedError(`GPU ${gpu.pciAddress} is on ${driver ?? 'no driver'}, not vfio-pci: refusing to start VM ${p.vmId}`);
+      }
+      const started = await host.qemu.start({
+        vmId: p.vmId,
+        memoryMiB: p.memoryMiB,
+        vcpus: p.vcpus,
+        gpus: p.gpus.map((g) => g.pciAddress),
+        gpuDevice: host.gpuDevice,
+      });
+      return {
+        ...toVm(p, { type: 'QEMU_STARTED', pid: started.pid }),
+        note: started.alreadyRunning ? `QEMU pid ${started.pid} was already running` : `QEMU pid ${started.pid}`,
+      };
+    },
+
+    async powerdownQemu(p: VmEffectParams) {
+      const sent = await host.qemu.powerdown(p.vmId);
+      return { note: `system_powerdown: ${sent}` };
+    },
+
+    async powerdownTimer(p: VmEffectParams) {
+      return toVm(p, { type: 'POWERDOWN_TIMEOUT' });
+    },
+
+    async terminateQemu(p: VmEffectParams) {
+      const how = await host.qemu.terminate(p.vmId);
+      return toVm(p, { type: 'QEMU_EXITED', how });
+    },
+
+    async releasePartition(p: VmEffectParams) {
+      const status = await host.qemu.status(p.vmId);
+      if (status.running) throw new NotYetError(`QEMU of VM ${p.vmId} is still running; not releasing partition ${p.partitionId}`);
+      await host.qemu.cleanup(p.vmId);
+      return { deliver: { streamId: partitionStream(p.hostId, p.partitionId), event: { type: 'RELEASE', vmId: p.vmId } } };
+    },
+  };
+}

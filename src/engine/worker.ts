@@ -1,0 +1,379 @@
+/**
+ * The effect worker of one host: claims due effects from the outbox, runs their handlers, and
+ * records each outcome as an event on the stream in the same transaction that marks the effect
+ * done. Claims use FOR UPDATE SKIP LOCKED and a lease, so several workers never run one effect at
+ * once, and an effect whose worker died becomes due again when its lease runs out. LISTEN/NOTIFY
+ * wakes the worker as soon as an effect is committed; a poll interval covers a lost notification,
+ * and a timer wakes it when the next delayed effect (a durable timer) falls due.
+ */
+import { randomBytes } from 'node:crypto';
+import { sql, type Kysely } from 'kysely';
+import type { Logger } from 'pino';
+import { EFFECTS_CHANNEL, type Db } from '../store/db.ts';
+import type { Database } from '../store/schema.ts';
+import { DuplicateCausationError, type Executor } from '../store/events.ts';
+import { applyEvent, inTransaction, type EffectPolicy } from './commands.ts';
+import type { MachineEvent } from './decide.ts';
+
+export interface ClaimedEffect {
+  id: string;
+  streamId: string;
+  hostId: string;
+  type: string;
+  params: Record<string, unknown>;
+  correlationId: string;
+  attempt: number;
+  maxAttempts: number;
+  claimedAt: Date;
+}
+
+export interface EffectContext {
+  effect: ClaimedEffect;
+  log: Logger;
+}
+
+/** What a handler reports: usually an event for a stream (its own, or another for cross-stream steps). */
+export interface EffectOutcome {
+  deliver?: { streamId: string; event: MachineEvent };
+  note?: string;
+}
+
+export type EffectHandler = (params: any, ctx: EffectContext) => Promise<EffectOutcome>;
+export type EffectHandlers = Record<string, EffectHandler>;
+
+export interface RetryPolicy extends EffectPolicy {
+  backoffBaseMs: number;
+  backoffMaxMs: number;
+}
+
+export interface WorkerOptions {
+  hostId: string;
+  handlers: EffectHandlers;
+  policy: RetryPolicy;
+  leaseMs: number;
+  pollMs: number;
+  concurrency: number;
+  log: Logger;
+}
+
+/** An error a handler throws when trying again cannot help (bad input, a refused operation). */
+export function isPermanent(err: unknown): boolean {
+  return (err as { retryable?: boolean })?.retryable === false;
+}
+
+export function backoffMs(policy: RetryPolicy, attempt: number): number {
+  const ceiling = Math.min(policy.backoffMaxMs, policy.backoffBaseMs * 2 ** (attempt - 1));
+  // "Equal jitter": at least half the ceiling, so retries neither stampede nor starve.
+  return Math.round(ceiling / 2 + Math.random() * (ceiling / 2));
+}
+
+function describe(err: unknown): string {
+  if (err instanceof Error) {
+    const code = (err as { code?: unknown }).code;
+    return code && !err.message.includes(String(code)) ? `${String(code)}: ${err.message}` : err.message;
+  }
+  return String(err);
+}
+
+class LostLeaseError extends Error {}
+
+export class EffectWorker {
+  readonly workerId: string;
+  private readonly db: Kysely<Database>;
+  private running = false;
+  private inFlight = new Map<string, Promise<void>>();
+  private wakeUp: (() => void) | null = null;
+  private woken = false;
+  private unlisten: (() => Promise<void>) | null = null;
+  private loop: Promise<void> | null = null;
+
+  constructor(
+    private readonly store: Db,
+    private readonly opts: WorkerOptions,
+  ) {
+    this.db = store.kysely;
+    this.workerId = `${opts.hostId}/${process.pid}/${randomBytes(3).toString('hex')}`;
+  }
+
+  async start(): Promise<void> {
+    if (this.running) return;
+    this.running = true;
+    // One agent per host: leases still held on this host's effects belong to a predecessor that
+    // died (kill -9, crash). Expire them now rather than after the lease, so work resumes at once.
+    const { numUpdatedRows } = await this.db
+      .updateTable('effects')
+      .set({ lease_until: sql`now()` })
+      .where('host_id', '=', this.opts.hostId)
+      .where('status', '=', 'running')
+      .executeTakeFirst();
+    if (numUpdatedRows > 0n) this.opts.log.warn({ hostId: this.opts.hostId, effects: Number(numUpdatedRows) }, 'resuming effects left running by a previous process');
+    this.unlisten = await this.store.listen(EFFECTS_CHANNEL, (hostId) => {
+      if (hostId === this.opts.hostId) this.wake();
+    });
+    this.loop = this.run();
+  }
+
+  async stop(): Promise<void> {
+    this.running = false;
+    this.wake();
+    await this.loop;
+    await Promise.allSettled(this.inFlight.values());
+    await this.unlisten?.();
+  }
+
+  wake(): void {
+    this.woken = true;
+    this.wakeUp?.();
+  }
+
+  private async run(): Promise<void> {
+    while (this.running) {
+      let nextDue: Date | null = null;
+      try {
+        const room = this.opts.concurrency - this.inFlight.size;
+        if (room > 0) {
+          const claimed = await this.claim(room);
+          for (const effect of claimed) this.launch(effect);
+          if (claimed.length === room) continue;
+          nextDue = await this.nextDueAt();
+        }
+      } catch (err) {
+        // The database may be restarting; keep the worker alive and try again after a pause.
+        this.opts.log.error({ err: describe(err), hostId: this.opts.hostId }, 'effect worker could not claim; retrying');
+      }
+      await this.sleep(nextDue);
+    }
+  }
+
+  private sleep(nextDue: Date | null): Promise<void> {
+    if (this.woken || !this.running) {
+      this.woken = false;
+      return Promise.resolve();
+    }
+    let wait = this.opts.pollMs;
+    if (nextDue) wait = Math.max(0, Math.min(wait, nextDue.getTime() - Date.now() + 2));
+    return new Promise<void>((resolve) => {
+      const timer = setTimeout(done, wait);
+      function done() {
+        clearTimeout(timer);
+        resolve();
+      }
+      this.wakeUp = () => {
+        this.wakeUp = null;
+        done();
+      };
+    }).then(() => {
+      this.woken = false;
+    });
+  }
+
+  private async nextDueAt(): Promise<Date | null> {
+    const row = await this.db
+      .selectFrom('effects')
+      .select((eb) => eb.fn.min('due_at').as('due'))
+      .where('host_id', '=', this.opts.hostId)
+      .where('status', '=', 'pending')
+      .executeTakeFirst();
+    return row?.due ? new Date(row.due as Date) : null;
+  }
+
+  /** Claims up to `limit` due effects; an expired lease counts as due and its lost try is recorded. */
+  async claim(limit: number): Promise<ClaimedEffect[]> {
+    const { rows } = await sql<{
+      id: string;
+      stream_id: string;
+      host_id: string;
+      type: string;
+      params: Record<string, unknown>;
+      correlation_id: string;
+      attempts: number;
+      max_attempts: number;
+      claimed_at: Date;
+      prev_status: string;
+      prev_owner: string | null;
+      prev_claimed_at: Date | null;
+    }>`
+      with due as (
+        select id, status as prev_status, lease_owner as prev_owner, claimed_at as prev_claimed_at
+        from effects
+        where host_id = ${this.opts.hostId}
+          and ((status = 'pending' and due_at <= now()) or (status = 'running' and lease_until < now()))
+        order by due_at, id
+        limit ${limit}
+        for update skip locked
+      )
+      update effects e
+      set status = 'running', attempts = e.attempts + 1, lease_owner = ${this.workerId},
+          lease_until = now() + make_interval(secs => ${this.opts.leaseMs / 1000}), claimed_at = now()
+      from due
+      where e.id = due.id
+      returning e.id, e.stream_id, e.host_id, e.type, e.params, e.correlation_id, e.attempts, e.max_attempts,
+                e.claimed_at, due.prev_status, due.prev_owner, due.prev_claimed_at`.execute(this.db);
+
+    const lost = rows.filter((r) => r.prev_status === 'running');
+    if (lost.length > 0) {
+      await this.db
+        .insertInto('effect_attempts')
+        .values(
+          lost.map((r) => ({
+            effect_id: r.id,
+            attempt: r.attempts - 1,
+            worker: r.prev_owner ?? 'unknown',
+            started_at: r.prev_claimed_at ?? r.claimed_at,
+            finished_at: r.claimed_at,
+            outcome: 'lost' as const,
+            error: 'the worker running this try stopped before finishing (lease expired)',
+          })),
+        )
+        .onConflict((oc) => oc.doNothing())
+        .execute();
+    }
+    return rows.map((r) => ({
+      id: r.id,
+      streamId: r.stream_id,
+      hostId: r.host_id,
+      type: r.type,
+      params: r.params,
+      correlationId: r.correlation_id,
+      attempt: r.attempts,
+      maxAttempts: r.max_attempts,
+      claimedAt: new Date(r.claimed_at),
+    }));
+  }
+
+  private launch(effect: ClaimedEffect): void {
+    const task = this.execute(effect)
+      .catch((err) => {
+        this.opts.log.error({ err: describe(err), effectId: effect.id, correlationId: effect.correlationId }, 'effect outcome not recorded; the lease will make it due again');
+      })
+      .finally(() => {
+        this.inFlight.delete(effect.id);
+        this.wake();
+      });
+    this.inFlight.set(effect.id, task);
+  }
+
+  /** Runs one claimed effect to a recorded outcome. Exposed for tests that drive effects by hand. */
+  async execute(effect: ClaimedEffect): Promise<void> {
+    const log = this.opts.log.child({ effectId: effect.id, effect: effect.type, stream: effect.streamId, correlationId: effect.correlationId, attempt: effect.attempt });
+    const handler = this.opts.handlers[effect.type];
+    const renew = setInterval(() => void this.renewLease(effect.id).catch(() => {}), Math.max(50, this.opts.leaseMs / 3));
+    let outcome: EffectOutcome | null = null;
+    let failure: unknown = null;
+    const started = Date.now();
+    try {
+      if (!handler) throw Object.assign(new Error(`no handler for effect ${effect.type}`), { retryable: false });
+      outcome = await handler(effect.params, { effect, log });
+    } catch (err) {
+      failure = err;
+    } finally {
+      clearInterval(renew);
+    }
+    try {
+      if (failure === null) {
+        await this.complete(effect, outcome!);
+        log.info({ ms: Date.now() - started, deliver: outcome?.deliver?.event.type }, 'effect done');
+      } else {
+        await this.fail(effect, failure, log);
+      }
+    } catch (err) {
+      if (err instanceof LostLeaseError) {
+        log.warn('lease lost before the outcome was recorded; another worker owns this effect now');
+        return;
+      }
+      throw err;
+    }
+  }
+
+  private async renewLease(id: string): Promise<void> {
+    await this.db
+      .updateTable('effects')
+      .set({ lease_until: sql`now() + make_interval(secs => ${this.opts.leaseMs / 1000})` })
+      .where('id', '=', id)
+      .where('lease_owner', '=', this.workerId)
+      .where('status', '=', 'running')
+      .execute();
+  }
+
+  private async finish(
+    tx: Executor,
+    effect: ClaimedEffect,
+    set: { status: 'done' | 'failed' | 'pending'; error: string | null; dueInMs?: number; note?: string | null },
+  ): Promise<void> {
+    const updated = await tx
+      .updateTable('effects')
+      .set({
+        status: set.status,
+        lease_owner: null,
+        lease_until: null,
+        last_error: set.error,
+        note: set.note ?? null,
+        due_at: set.dueInMs === undefined ? sql`due_at` : sql`now() + make_interval(secs => ${set.dueInMs / 1000})`,
+        completed_at: set.status === 'pending' ? null : sql`now()`,
+      })
+      .where('id', '=', effect.id)
+      .where('status', '=', 'running')
+      .where('lease_owner', '=', this.workerId)
+      .returning('id')
+      .execute();
+    if (updated.length === 0) throw new LostLeaseError();
+    await tx
+      .insertInto('effect_attempts')
+      .values({
+        effect_id: effect.id,
+        attempt: effect.attempt,
+        worker: this.workerId,
+        started_at: effect.claimedAt,
+        finished_at: sql<Date>`now()` as unknown as Date,
+        outcome: set.status === 'done' ? 'ok' : 'error',
+        error: set.error,
+      })
+      .execute();
+  }
+
+  private async deliver(tx: Executor, effect: ClaimedEffect, streamId: string, event: MachineEvent): Promise<string | null> {
+    try {
+      const result = await applyEvent(
+        tx,
+        streamId,
+        event,
+        { actor: `effect:${effect.type}`, correlationId: effect.correlationId, causationId: effect.id },
+        this.opts.policy,
+      );
+      // A late outcome for a state that has moved on (a timer after the VM stopped, say) is
+      // dropped, and the effect row says so for the audit.
+      if (result.kind === 'rejected') return `ignored ${event.type}: ${result.reason}`;
+      return null;
+    } catch (err) {
+      if (err instanceof DuplicateCausationError) return `already delivered to ${streamId}`;
+      throw err;
+    }
+  }
+
+  private async complete(effect: ClaimedEffect, outcome: EffectOutcome): Promise<void> {
+    await inTransaction(this.db, async (tx) => {
+      let note = outcome.note ?? null;
+      if (outcome.deliver) {
+        const ignored = await this.deliver(tx, effect, outcome.deliver.streamId, outcome.deliver.event);
+        if (ignored) note = note ? `${note}; ${ignored}` : ignored;
+      }
+      await this.finish(tx, effect, { status: 'done', error: null, note });
+    });
+  }
+
+  private async fail(effect: ClaimedEffect, err: unknown, log: Logger): Promise<void> {
+    const message = describe(err);
+    const exhausted = effect.attempt >= effect.maxAttempts || isPermanent(err);
+    if (!exhausted) {
+      const delay = backoffMs(this.opts.policy, effect.attempt);
+      log.warn({ err: message, retryInMs: delay }, 'effect failed; will retry');
+      await inTransaction(this.db, (tx) => this.finish(tx, effect, { status: 'pending', error: message, dueInMs: delay }));
+      return;
+    }
+    log.error({ err: message }, 'effect failed for good');
+    await inTransaction(this.db, async (tx) => {
+      const ignored = await this.deliver(tx, effect, effect.streamId, { type: 'EFFECT_FAILED', effect: effect.type, error: message });
+      await this.finish(tx, effect, { status: 'failed', error: message, note: ignored });
+    });
+  }
+}

@@ -1,0 +1,623 @@
+/**
+ * QEMU adapter: builds the command line, detects version and vfio-pci properties, starts a VM
+ * detached (it must outlive gpuvm), finds it again through its pidfile, and stops it.
+ *
+ * Per-VM files live in `<runRoot>/<vmId>/`: `qemu.pid`, `qmp.sock`, `qemu.log`.
+ *
+ * Topology (DESIGN §2.4): GPU number N (0-based, in `spec.gpus` order) gets its own root port
+ *   -device pcie-root-port,id=rpN,chassis=N+1,slot=N+1,bus=pcie.0
+ *   -device vfio-pci,host=<bdf>,id=gpuN,bus=rpN,addr=0x0[,x-no-mmap=true]
+ * Ids rp0..rp7 match gpu0..gpu7 so "gpuN behind rpN" reads directly; chassis and slot start at
+ * 1 because 0 is the pcie-root-port default and means "unset" to some guests.
+ */
+import { constants as fsConstants, openSync, closeSync } from 'node:fs';
+import { access, mkdir, readFile, rm, unlink, writeFile } from 'node:fs/promises';
+import { delimiter, isAbsolute, join, resolve } from 'node:path';
+import { spawn, type ChildProcess } from 'node:child_process';
+import { execa } from 'execa';
+import { parsePciAddress } from './pci.ts';
+import { MAX_UNIX_SOCKET_PATH_BYTES, QmpClient, QmpError } from './qmp.ts';
+
+export const VM_ID_PATTERN = /^[a-z0-9][a-z0-9-]{0,62}$/;
+
+export interface QemuVersion {
+  major: number;
+  minor: number;
+  micro: number;
+  text: string;
+}
+
+export interface QemuVmSpec {
+  vmId: string;
+  memoryMiB: number;
+  vcpus: number;
+  /** PCI addresses, in the order they go into the VM (gpu0, gpu1, …). */
+  gpus: string[];
+  gpuDevice: 'vfio-pci' | 'stand-in';
+  /** Directory on a hugetlbfs mount; memory is then a preallocated shared file backend. */
+  hugepagesPath?: string;
+  /** qcow2 image attached as a virtio disk. */
+  diskImage?: string;
+  /** Passed to `-bios`. */
+  firmware?: string;
+}
+
+export interface QemuOptions {
+  bin: string;
+  /** Per-VM directories are `<runRoot>/<vmId>/`. */
+  runRoot: string;
+  accel: 'kvm' | 'tcg';
+  forceNoMmap?: boolean;
+  /** QEMU device used in place of vfio-pci when `gpuDevice` is 'stand-in' (default 'edu'). */
+  standInDevice?: string;
+  /** How long start() waits for the pidfile, QMP and `query-status` (default 60 s). */
+  startTimeoutMs?: number;
+  /** Appended after the generated arguments by start(). */
+  extraArgs?: string[];
+}
+
+export type QemuErrorCode =
+  | 'spawn'
+  | 'start-timeout'
+  | 'exited'
+  | 'bad-property'
+  | 'bad-spec'
+  | 'qmp'
+  | 'not-running'
+  | 'stop-timeout'
+  /** cleanup() refused: the VM's QEMU is still alive. */
+  | 'still-running'
+  /** `--version` or `-device …,help` printed something we cannot read. */
+  | 'bad-output';
+
+export class QemuError extends Error {
+  constructor(
+    readonly code: QemuErrorCode,
+    message: string,
+    readonly vmId?: string,
+    options?: { cause?: unknown },
+  ) {
+    super(message, options);
+    this.name = 'QemuError';
+  }
+}
+
+export interface QemuStatus {
+  running: boolean;
+  pid: number | null;
+  qmpStatus?: string;
+}
+
+const DEFAULT_STAND_IN_DEVICE = 'edu';
+const DEFAULT_START_TIMEOUT_MS = 60_000;
+const PROBE_TIMEOUT_MS = 15_000;
+const POLL_MS = 50;
+/** Options `-device` parses itself rather than passing to the device; `-device X,help` does not list them. */
+const GENERIC_DEVICE_OPTIONS = new Set(['driver', 'bus', 'id']);
+const DEVICE_NAME_PATTERN = /^[a-z][a-z0-9-]*$/;
+const MAX_GPUS = 16;
+const MAX_VCPUS = 255; // q35 without an IOMMU for interrupt remapping
+const MIN_MEMORY_MIB = 64;
+const MAX_MEMORY_MIB = 16 * 1024 * 1024; // 16 TiB
+
+export const PIDFILE_NAME = 'qemu.pid';
+export const QMP_SOCKET_NAME = 'qmp.sock';
+export const LOG_NAME = 'qemu.log';
+
+// ---------------------------------------------------------------------------------------------
+// Pure helpers
+
+/** QEMU 10.1 fixed the slow mapping of huge BARs; older versions need `x-no-mmap=true`. */
+export function needsNoMmap(version: QemuVersion): boolean {
+  return version.major < 10 || (version.major === 10 && version.minor < 1);
+}
+
+/** From `qemu-system-x86_64 --version`, e.g. `QEMU emulator version 7.2.22 (Debian 1:7.2+dfsg-7+deb12u18+b3)`. */
+export function parseQemuVersion(text: string): QemuVersion {
+  const m = /QEMU emulator version (\d+)\.(\d+)(?:\.(\d+))?[^\n]*/.exec(text);
+  if (!m) throw new QemuError('bad-output', `unrecognised QEMU --version output: ${JSON.stringify(text.slice(0, 200))}`);
+  return { major: Number(m[1]), minor: Number(m[2]), micro: Number(m[3] ?? 0), text: m[0].trim() };
+}
+
+/** Property names from `-device <driver>,help` (lines like `  x-no-mmap=<bool>  - …`). */
+export function parseDeviceProperties(helpText: string): Set<string> {
+  const props = new Set<string>();
+  for (const line of helpText.split('\n')) {
+    const m = /^\s+([A-Za-z][A-Za-z0-9_.-]*)=/.exec(line);
+    if (m) props.add(m[1]!);
+  }
+  return props;
+}
+
+/** QEMU option strings use `,` as separator; a literal comma is written `,,`. */
+function optValue(value: string): string {
+  return value.replaceAll(',', ',,');
+}
+
+function badSpec(vmId: string | undefined, message: string): QemuError {
+  return new QemuError('bad-spec', vmId ? `VM ${vmId}: ${message}` : message, vmId);
+}
+
+function checkPath(vmId: string, what: string, value: string | undefined): void {
+  if (value === undefined) return;
+  if (typeof value !== 'string' || !isAbsolute(value) || /[\0\n]/.test(value)) {
+    throw badSpec(vmId, `${what} must be an absolute path without NUL or newline, got ${JSON.stringify(value)}`);
+  }
+}
+
+export function validateVmId(vmId: string): void {
+  if (typeof vmId !== 'string' || !VM_ID_PATTERN.test(vmId)) {
+    throw badSpec(undefined, `invalid VM id ${JSON.stringify(vmId)}: expected ${VM_ID_PATTERN.source}`);
+  }
+}
+
+/** The `-device` properties (excluding id/bus/driver) that gpuvm sets on vfio-pci for this command line. */
+export function vfioPropertiesUsed(args: readonly string[]): Set<string> {
+  const used = new Set<string>();
+  for (let i = 0; i < args.length - 1; i++) {
+    if (args[i] !== '-device' || !args[i + 1]!.startsWith('vfio-pci,')) continue;
+    for (const part of args[i + 1]!.replaceAll(',,', '\0').split(',').slice(1)) {
+      const key = part.split('=')[0]!;
+      if (!GENERIC_DEVICE_OPTIONS.has(key)) used.add(key);
+    }
+  }
+  return used;
+}
+
+/**
+ * The full argv (without the binary) for one VM. Pure: validates the VM id, every PCI address,
+ * numbers and paths, and refuses a QMP socket path longer than a unix socket allows.
+ */
+export function buildQemuArgs(
+  spec: QemuVmSpec,
+  ctx: { version: QemuVersion; runDir: string; accel: 'kvm' | 'tcg'; forceNoMmap?: boolean; standInDevice?: string },
+): string[] {
+  validateVmId(spec.vmId);
+  const { vmId } = spec;
+  if (!Number.isInteger(spec.memoryMiB) || spec.memoryMiB < MIN_MEMORY_MIB || spec.memoryMiB > MAX_MEMORY_MIB) {
+    throw badSpec(vmId, `memoryMiB must be an integer in ${MIN_MEMORY_MIB}..${MAX_MEMORY_MIB}, got ${spec.memoryMiB}`);
+  }
+  if (!Number.isInteger(spec.vcpus) || spec.vcpus < 1 || spec.vcpus > MAX_VCPUS) {
+    throw badSpec(vmId, `vcpus must be an integer in 1..${MAX_VCPUS}, got ${spec.vcpus}`);
+  }
+  if (!Array.isArray(spec.gpus) || spec.gpus.length > MAX_GPUS) {
+    throw badSpec(vmId, `gpus must be a list of at most ${MAX_GPUS} PCI addresses`);
+  }
+  const gpus = spec.gpus.map((a) => {
+    try {
+      return parsePciAddress(a);
+    } catch (err) {
+      throw new QemuError('bad-spec', `VM ${vmId}: ${(err as Error).message}`, vmId, { cause: err });
+    }
+  });
+  const duplicate = gpus.find((a, i) => gpus.indexOf(a) !== i);
+  if (duplicate) throw badSpec(vmId, `GPU ${duplicate} listed twice`);
+  if (spec.gpuDevice !== 'vfio-pci' && spec.gpuDevice !== 'stand-in') {
+    throw badSpec(vmId, `gpuDevice must be 'vfio-pci' or 'stand-in', got ${JSON.stringify(spec.gpuDevice)}`);
+  }
+  if (ctx.accel !== 'kvm' && ctx.accel !== 'tcg') throw badSpec(vmId, `accel must be 'kvm' or 'tcg', got ${JSON.stringify(ctx.accel)}`);
+  const standIn = ctx.standInDevice ?? DEFAULT_STAND_IN_DEVICE;
+  if (!DEVICE_NAME_PATTERN.test(standIn)) throw badSpec(vmId, `invalid stand-in device name ${JSON.stringify(standIn)}`);
+  checkPath(vmId, 'runDir', ctx.runDir);
+  checkPath(vmId, 'hugepagesPath', spec.hugepagesPath);
+  checkPath(vmId, 'diskImage', spec.diskImage);
+  checkPath(vmId, 'firmware', spec.firmware);
+
+  const pidfile = join(ctx.runDir, PIDFILE_NAME);
+  const qmpSocket = join(ctx.runDir, QMP_SOCKET_NAME);
+  const socketBytes = Buffer.byteLength(qmpSocket);
+  if (socketBytes > MAX_UNIX_SOCKET_PATH_BYTES) {
+    throw badSpec(
+      vmId,
+      `QMP socket path ${qmpSocket} is ${socketBytes} bytes; unix sockets allow at most ${MAX_UNIX_SOCKET_PATH_BYTES} — choose a shorter runRoot`,
+    );
+  }
+
+  const args: string[] = ['-name', `guest=${vmId}`];
+  args.push('-machine', spec.hugepagesPath ? 'q35,memory-backend=mem0' : 'q35');
+  args.push('-accel', ctx.accel);
+  // Under KVM the guest should see the host CPU (features the GPU driver and CUDA probe for).
+  if (ctx.accel === 'kvm') args.push('-cpu', 'host');
+  args.push('-m', `${spec.memoryMiB}M`);
+  if (spec.hugepagesPath) {
+    args.push(
+      '-object',
+      `memory-backend-file,id=mem0,size=${spec.memoryMiB}M,mem-path=${optValue(spec.hugepagesPath)},share=on,prealloc=on`,
+    );
+  }
+  args.push('-smp', String(spec.vcpus));
+  args.push('-nodefaults', '-display', 'none', '-serial', 'none');
+  args.push('-pidfile', pidfile);
+  args.push('-qmp', `unix:${optValue(qmpSocket)},server=on,wait=off`);
+  if (spec.firmware) args.push('-bios', spec.firmware);
+  if (spec.diskImage) args.push('-drive', `file=${optValue(spec.diskImage)},if=virtio,format=qcow2`);
+
+  const noMmap = spec.gpuDevice === 'vfio-pci' && (ctx.forceNoMmap === true || needsNoMmap(ctx.version));
+  gpus.forEach((address, n) => {
+    args.push('-device', `pcie-root-port,id=rp${n},chassis=${n + 1},slot=${n + 1},bus=pcie.0`);
+    if (spec.gpuDevice === 'vfio-pci') {
+      args.push('-device', `vfio-pci,host=${address},id=gpu${n},bus=rp${n},addr=0x0${noMmap ? ',x-no-mmap=true' : ''}`);
+    } else {
+      args.push('-device', `${standIn},id=gpu${n},bus=rp${n},addr=0x0`);
+    }
+  });
+  return args;
+}
+
+/** `/proc/<pid>/stat`: the state letter follows the last `)` (comm may itself contain parentheses). */
+export function parseProcStat(text: string): { pid: number; comm: string; state: string } {
+  const open = text.indexOf('(');
+  const close = text.lastIndexOf(')');
+  if (open < 0 || close < open) throw new Error(`unreadable /proc stat line: ${JSON.stringify(text.slice(0, 100))}`);
+  return {
+    pid: Number(text.slice(0, open).trim()),
+    comm: text.slice(open + 1, close),
+    state: text.slice(close + 1).trim().split(/\s+/)[0] ?? '',
+  };
+}
+
+/** `qemu-system-x86_64` on PATH, or null. */
+export async function findQemuBinary(): Promise<string | null> {
+  for (const dir of (process.env.PATH ?? '').split(delimiter)) {
+    if (!dir) continue;
+    const candidate = join(dir, 'qemu-system-x86_64');
+    try {
+      await access(candidate, fsConstants.X_OK);
+      return candidate;
+    } catch {
+      // not here
+    }
+  }
+  return null;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Process inspection
+
+interface LiveProcess {
+  pid: number;
+  argv: string[];
+}
+
+async function readPidfile(path: string): Promise<number | null> {
+  let text: string;
+  try {
+    text = await readFile(path, 'utf8');
+  } catch {
+    return null;
+  }
+  const t = text.trim();
+  if (!/^\d+$/.test(t)) return null;
+  const pid = Number(t);
+  return pid > 0 ? pid : null;
+}
+
+/** The process if it exists, is not a zombie, and its argv carries `-pidfile <pidfile>`: a
+ *  recycled pid belongs to some other program and does not match. */
+async function inspectProcess(pid: number, pidfile: string): Promise<LiveProcess | null> {
+  try {
+    const { state } = parseProcStat(await readFile(`/proc/${pid}/stat`, 'utf8'));
+    if (state === 'Z' || state === 'X' || state === 'x') return null;
+    const argv = (await readFile(`/proc/${pid}/cmdline`, 'utf8')).split('\0');
+    if (argv.at(-1) === '') argv.pop();
+    const matches = argv.some((a, i) => a === pidfile && argv[i - 1] === '-pidfile');
+    return matches ? { pid, argv } : null;
+  } catch {
+    return null; // gone
+  }
+}
+
+const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
+
+async function tail(path: string, maxChars = 2_000): Promise<string> {
+  try {
+    const text = await readFile(path, 'utf8');
+    return text.slice(-maxChars).trim();
+  } catch {
+    return '';
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+export class Qemu {
+  readonly #opts: QemuOptions & { runRoot: string };
+  #version: Promise<QemuVersion> | undefined;
+  #vfioProps: Promise<Set<string>> | undefined;
+  /** Serialises start/terminate per VM within this process. */
+  readonly #locks = new Map<string, Promise<unknown>>();
+
+  constructor(opts: QemuOptions) {
+    if (!opts.bin) throw new QemuError('bad-spec', 'QEMU binary path is empty');
+    if (opts.runRoot.includes('\0')) throw new QemuError('bad-spec', `invalid runRoot ${JSON.stringify(opts.runRoot)}`);
+    this.#opts = { ...opts, runRoot: resolve(opts.runRoot) };
+  }
+
+  version(): Promise<QemuVersion> {
+    this.#version ??= this.#probe(['--version']).then(parseQemuVersion);
+    this.#version.catch(() => (this.#version = undefined));
+    return this.#version;
+  }
+
+  vfioPciProperties(): Promise<Set<string>> {
+    this.#vfioProps ??= this.#probe(['-device', 'vfio-pci,help']).then((out) => {
+      const props = parseDeviceProperties(out);
+      if (props.size === 0) {
+        throw new QemuError('bad-output', `${this.#opts.bin} -device vfio-pci,help listed no properties: ${out.slice(0, 200)}`);
+      }
+      return props;
+    });
+    this.#vfioProps.catch(() => (this.#vfioProps = undefined));
+    return this.#vfioProps;
+  }
+
+  async #probe(args: string[]): Promise<string> {
+    try {
+      const r = await execa(this.#opts.bin, args, { timeout: PROBE_TIMEOUT_MS, stdin: 'ignore' });
+      return `${r.stdout}\n${r.stderr}`;
+    } catch (err) {
+      throw new QemuError('spawn', `${this.#opts.bin} ${args.join(' ')} failed: ${(err as Error).message}`, undefined, { cause: err });
+    }
+  }
+
+  runDir(vmId: string): string {
+    validateVmId(vmId);
+    return join(this.#opts.runRoot, vmId);
+  }
+
+  #paths(vmId: string) {
+    const dir = this.runDir(vmId);
+    return { dir, pidfile: join(dir, PIDFILE_NAME), qmpSocket: join(dir, QMP_SOCKET_NAME), log: join(dir, LOG_NAME) };
+  }
+
+  async #live(vmId: string): Promise<LiveProcess | null> {
+    const { pidfile } = this.#paths(vmId);
+    const pid = await readPidfile(pidfile);
+    return pid === null ? null : inspectProcess(pid, pidfile);
+  }
+
+  #withLock<T>(vmId: string, fn: () => Promise<T>): Promise<T> {
+    const prev = this.#locks.get(vmId) ?? Promise.resolve();
+    const next = prev.catch(() => undefined).then(fn);
+    const settled = next.catch(() => undefined);
+    this.#locks.set(vmId, settled);
+    void settled.then(() => {
+      if (this.#locks.get(vmId) === settled) this.#locks.delete(vmId);
+    });
+    return next;
+  }
+
+  start(spec: QemuVmSpec): Promise<{ pid: number; alreadyRunning: boolean; args: string[] }> {
+    validateVmId(spec?.vmId);
+    return this.#withLock(spec.vmId, () => this.#start(spec));
+  }
+
+  async #start(spec: QemuVmSpec): Promise<{ pid: number; alreadyRunning: boolean; args: string[] }> {
+    const { vmId } = spec;
+    const paths = this.#paths(vmId);
+
+    // Observe first: a QEMU left by an earlier gpuvm (or an earlier attempt) is the VM.
+    const existing = await this.#live(vmId);
+    if (existing) return { pid: existing.pid, alreadyRunning: true, args: existing.argv.slice(1) };
+
+    const version = await this.version();
+    const args = [
+      ...buildQemuArgs(spec, {
+        version,
+        runDir: paths.dir,
+        accel: this.#opts.accel,
+        forceNoMmap: this.#opts.forceNoMmap,
+        standInDevice: this.#opts.standInDevice,
+      }),
+      ...(this.#opts.extraArgs ?? []),
+    ];
+    if (spec.gpuDevice === 'vfio-pci') {
+      const available = await this.vfioPciProperties();
+      const missing = [...vfioPropertiesUsed(args)].filter((p) => !available.has(p));
+      if (missing.length > 0) {
+        throw new QemuError(
+          'bad-property',
+          `VM ${vmId}: ${this.#opts.bin} (${version.text}) has no vfio-pci propert${missing.length > 1 ? 'ies' : 'y'} ${missing.join(', ')}`,
+          vmId,
+        );
+      }
+    }
+
+    await mkdir(paths.dir, { recursive: true, mode: 0o700 });
+    // Stale files from a dead QEMU would make us think the new one is already up.
+    await unlink(paths.pidfile).catch(() => undefined);
+    await unlink(paths.qmpSocket).catch(() => undefined);
+    await writeFile(paths.log, `--- gpuvm start ${new Date().toISOString()}: ${this.#opts.bin} ${args.join(' ')}\n`, { flag: 'a' });
+
+    const logFd = openSync(paths.log, 'a');
+    let child: ChildProcess;
+    try {
+      // node's spawn rather than execa here: execa (async) cannot hand a file descriptor to the
+      // child — its `{file}` stdout pipes through our process, and QEMU would lose its stdout
+      // (SIGPIPE) when gpuvm dies. Detached in its own session with stdio on the log file, QEMU
+      // outlives gpuvm; the pidfile is how a later gpuvm finds it. No timeout on the process
+      // itself (it runs for the life of the VM); start-up is bounded below.
+      child = spawn(this.#opts.bin, args, { detached: true, stdio: ['ignore', logFd, logFd], cwd: paths.dir });
+    } catch (err) {
+      throw new QemuError('spawn', `VM ${vmId}: cannot spawn ${this.#opts.bin}: ${(err as Error).message}`, vmId, { cause: err });
+    } finally {
+      closeSync(logFd);
+    }
+    const proc: { exited: { code: number | null; signal: string | null; failure?: string } | null } = { exited: null };
+    child.once('error', (err) => {
+      // ENOENT/EACCES: the binary never ran.
+      proc.exited ??= { code: null, signal: null, failure: err.message };
+    });
+    child.once('exit', (code, signal) => {
+      proc.exited ??= { code, signal };
+    });
+    child.unref();
+
+    const timeoutMs = this.#opts.startTimeoutMs ?? DEFAULT_START_TIMEOUT_MS;
+    const deadline = Date.now() + timeoutMs;
+    const fail = async (err: QemuError): Promise<never> => {
+      // A QEMU that did not come up properly must not linger holding the GPUs.
+      if (proc.exited === null && child.pid !== undefined) {
+        try {
+          process.kill(child.pid, 'SIGKILL');
+        } catch {
+          // already gone
+        }
+        const until = Date.now() + 5_000;
+        while (proc.exited === null && Date.now() < until) await sleep(POLL_MS);
+      }
+      throw err;
+    };
+    const exitedError = async (e: NonNullable<typeof proc.exited>): Promise<QemuError> => {
+      if (e.failure) return new QemuError('spawn', `VM ${vmId}: cannot run ${this.#opts.bin}: ${e.failure}`, vmId);
+      const how = e.signal ? `signal ${e.signal}` : `code ${e.code}`;
+      return new QemuError('exited', `VM ${vmId}: QEMU exited during start (${how}); ${paths.log}:\n${await tail(paths.log)}`, vmId);
+    };
+
+    let live: LiveProcess | null = null;
+    while (!live) {
+      if (proc.exited) return fail(await exitedError(proc.exited));
+      if (Date.now() > deadline) {
+        return fail(new QemuError('start-timeout', `VM ${vmId}: no pidfile ${paths.pidfile} within ${timeoutMs} ms`, vmId));
+      }
+      live = await this.#live(vmId);
+      if (!live) await sleep(POLL_MS);
+    }
+
+    let qmpStatus: string | undefined;
+    while (qmpStatus === undefined) {
+      if (proc.exited) return fail(await exitedError(proc.exited));
+      const left = deadline - Date.now();
+      if (left <= 0) {
+        return fail(new QemuError('start-timeout', `VM ${vmId}: QMP ${paths.qmpSocket} not answering within ${timeoutMs} ms`, vmId));
+      }
+      let qmp: QmpClient | undefined;
+      try {
+        qmp = await QmpClient.connect(paths.qmpSocket, { timeoutMs: left });
+        const st = await qmp.execute<{ status: string; running: boolean }>('query-status', undefined, { timeoutMs: Math.max(1, deadline - Date.now()) });
+        qmpStatus = st.status;
+      } catch (err) {
+        // The socket appears a moment after the pidfile; retry until the deadline.
+        if (!(err instanceof QmpError) || err.code === 'command') {
+          return fail(new QemuError('qmp', `VM ${vmId}: query-status failed: ${(err as Error).message}`, vmId, { cause: err }));
+        }
+        await sleep(POLL_MS);
+      } finally {
+        await qmp?.close();
+      }
+    }
+    if (qmpStatus !== 'running' && qmpStatus !== 'prelaunch') {
+      return fail(new QemuError('qmp', `VM ${vmId}: QEMU pid ${live.pid} reports status ${qmpStatus}, expected running`, vmId));
+    }
+    return { pid: live.pid, alreadyRunning: false, args };
+  }
+
+  /** Running = pidfile names a live, non-zombie process whose argv carries this VM's pidfile.
+   *  With `queryQmp`, also asks QEMU for its run state (left unset if QMP does not answer). */
+  async status(vmId: string, opts: { queryQmp?: boolean; timeoutMs?: number } = {}): Promise<QemuStatus> {
+    const live = await this.#live(vmId);
+    if (!live) return { running: false, pid: null };
+    const status: QemuStatus = { running: true, pid: live.pid };
+    if (opts.queryQmp) {
+      let qmp: QmpClient | undefined;
+      try {
+        qmp = await QmpClient.connect(this.#paths(vmId).qmpSocket, { timeoutMs: opts.timeoutMs ?? 2_000 });
+        status.qmpStatus = (await qmp.execute<{ status: string }>('query-status', undefined, { timeoutMs: opts.timeoutMs ?? 2_000 })).status;
+      } catch {
+        // QMP busy (one client at a time) or QEMU exiting: the process facts still stand.
+      } finally {
+        await qmp?.close();
+      }
+    }
+    return status;
+  }
+
+  /** A negotiated QMP connection to a running VM; the caller closes it. */
+  async connect(vmId: string, opts: { timeoutMs?: number } = {}): Promise<QmpClient> {
+    const live = await this.#live(vmId);
+    if (!live) throw new QemuError('not-running', `VM ${vmId}: no running QEMU (pidfile ${this.#paths(vmId).pidfile})`, vmId);
+    try {
+      return await QmpClient.connect(this.#paths(vmId).qmpSocket, { timeoutMs: opts.timeoutMs ?? 5_000 });
+    } catch (err) {
+      throw new QemuError('qmp', `VM ${vmId} (pid ${live.pid}): ${(err as Error).message}`, vmId, { cause: err });
+    }
+  }
+
+  /** Press the ACPI power button. The guest decides what to do; the caller waits and times out. */
+  async powerdown(vmId: string): Promise<'sent' | 'not-running'> {
+    if (!(await this.#live(vmId))) return 'not-running';
+    let qmp: QmpClient | undefined;
+    try {
+      qmp = await this.connect(vmId);
+      await qmp.execute('system_powerdown');
+      return 'sent';
+    } catch (err) {
+      if (!(await this.#live(vmId))) return 'not-running';
+      throw err instanceof QemuError ? err : new QemuError('qmp', `VM ${vmId}: system_powerdown failed: ${(err as Error).message}`, vmId, { cause: err });
+    } finally {
+      await qmp?.close();
+    }
+  }
+
+  terminate(vmId: string, opts: { quitTimeoutMs?: number; termTimeoutMs?: number } = {}): Promise<'not-running' | 'quit' | 'sigterm' | 'sigkill'> {
+    validateVmId(vmId);
+    return this.#withLock(vmId, () => this.#terminate(vmId, opts));
+  }
+
+  async #terminate(vmId: string, opts: { quitTimeoutMs?: number; termTimeoutMs?: number }): Promise<'not-running' | 'quit' | 'sigterm' | 'sigkill'> {
+    const quitTimeoutMs = opts.quitTimeoutMs ?? 10_000;
+    const termTimeoutMs = opts.termTimeoutMs ?? 10_000;
+    const first = await this.#live(vmId);
+    if (!first) return 'not-running';
+    const { pid } = first;
+
+    const goneWithin = async (ms: number): Promise<boolean> => {
+      const until = Date.now() + ms;
+      for (;;) {
+        const live = await this.#live(vmId);
+        if (!live || live.pid !== pid) return true;
+        if (Date.now() >= until) return false;
+        await sleep(POLL_MS);
+      }
+    };
+
+    // 1. quit over QMP, all within quitTimeoutMs (a busy or hung QMP falls through to signals).
+    const quitDeadline = Date.now() + quitTimeoutMs;
+    let qmp: QmpClient | undefined;
+    try {
+      qmp = await QmpClient.connect(this.#paths(vmId).qmpSocket, { timeoutMs: quitTimeoutMs });
+      await qmp.execute('quit', undefined, { timeoutMs: Math.max(1, quitDeadline - Date.now()) });
+    } catch {
+      // 'closed' is normal: QEMU may exit before its reply is read.
+    } finally {
+      await qmp?.close();
+    }
+    if (await goneWithin(Math.max(0, quitDeadline - Date.now()))) return 'quit';
+
+    // 2./3. Signals, re-checking identity each time so a recycled pid is never hit.
+    let previous: 'quit' | 'sigterm' = 'quit';
+    for (const [signal, waitMs, result] of [
+      ['SIGTERM', termTimeoutMs, 'sigterm'],
+      ['SIGKILL', 10_000, 'sigkill'],
+    ] as const) {
+      const live = await this.#live(vmId);
+      if (!live || live.pid !== pid) return previous; // it went away on its own just now
+      try {
+        process.kill(pid, signal);
+      } catch {
+        // exited between the check and the signal
+      }
+      if (await goneWithin(waitMs)) return result;
+      if (result === 'sigterm') previous = result;
+    }
+    throw new QemuError('stop-timeout', `VM ${vmId}: QEMU pid ${pid} still alive after SIGKILL`, vmId);
+  }
+
+  /** Remove the VM's run directory once its QEMU is gone. */
+  async cleanup(vmId: string): Promise<void> {
+    const live = await this.#live(vmId);
+    if (live) throw new QemuError('still-running', `VM ${vmId}: QEMU pid ${live.pid} still running; terminate it before cleanup`, vmId);
+    await rm(this.#paths(vmId).dir, { recursive: true, force: true });
+  }
+}
+

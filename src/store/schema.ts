@@ -1,0 +1,116 @@
+/** Table types for Kysely. jsonb columns are written as JSON text and read back parsed. */
+import type { ColumnType, Generated } from 'kysely';
+
+type Json<T> = ColumnType<T, string, string>;
+type Timestamp = ColumnType<Date, Date | string, Date | string>;
+
+export interface EventsTable {
+  position: ColumnType<string, never, never>;
+  stream_id: string;
+  stream_version: number;
+  type: string;
+  data: Json<Record<string, unknown>>;
+  state_before: Json<unknown> | null;
+  state_after: Json<unknown>;
+  machine: string;
+  machine_version: number;
+  causation_id: string | null;
+  correlation_id: string;
+  actor: string;
+  recorded_at: Timestamp;
+  tx_id: ColumnType<string, never, never>;
+}
+
+export interface StreamsTable {
+  stream_id: string;
+  machine: string;
+  machine_version: number;
+  version: number;
+  state: Json<unknown>;
+  context: Json<Record<string, unknown>>;
+  created_at: Timestamp;
+  updated_at: Timestamp;
+}
+
+export type EffectStatus = 'pending' | 'running' | 'done' | 'failed';
+
+export interface EffectsTable {
+  id: string;
+  stream_id: string;
+  host_id: string;
+  type: string;
+  params: Json<Record<string, unknown>>;
+  correlation_id: string;
+  status: EffectStatus;
+  due_at: Timestamp;
+  attempts: Generated<number>;
+  max_attempts: number;
+  lease_owner: string | null;
+  lease_until: Timestamp | null;
+  claimed_at: Timestamp | null;
+  last_error: string | null;
+  note: string | null;
+  created_at: Timestamp;
+  completed_at: Timestamp | null;
+}
+
+export interface EffectAttemptsTable {
+  effect_id: string;
+  attempt: number;
+  worker: string;
+  started_at: Timestamp;
+  finished_at: Timestamp;
+  outcome: 'ok' | 'error' | 'lost';
+  error: string | null;
+}
+
+export interface HostsTable {
+  id: string;
+  simulated: boolean;
+  board: string;
+  inventory: Json<Record<string, unknown>>;
+  registered_at: Timestamp;
+}
+
+export interface VmsTable {
+  id: string;
+  name: string;
+  host_id: string;
+  gpu_count: number;
+  partition_id: number;
+  gpus: Json<{ moduleId: number; pciAddress: string }[]>;
+  state: string;
+  reason: string | null;
+  qemu_pid: number | null;
+  created_at: Timestamp;
+  updated_at: Timestamp;
+}
+
+export interface PartitionsTable {
+  host_id: string;
+  partition_id: number;
+  modules: Json<number[]>;
+  size: number;
+  state: string;
+  vm_id: string | null;
+  failure: string | null;
+  updated_at: Timestamp;
+}
+
+export interface GpuClaimsTable {
+  host_id: string;
+  module_id: number;
+  partition_id: number;
+  vm_id: string;
+}
+
+export interface Database {
+  events: EventsTable;
+  streams: StreamsTable;
+  effects: EffectsTable;
+  effect_attempts: EffectAttemptsTable;
+  hosts: HostsTable;
+  vms: VmsTable;
+  partitions: PartitionsTable;
+  gpu_claims: GpuClaimsTable;
+}
