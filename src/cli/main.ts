@@ -202,7 +202,10 @@ function program(): Command {
     .option('--json', 'print JSON')
     .action(async (id, o) => {
       const h = await call<any>(serviceUrl(cli.opts()), 'GET', `/v1/vms/${encodeURIComponent(id)}/history`);
-      if (o.json) return json(h);
+      if (o.json) {
+        json(h);
+        return;
+      }
       print(`VM ${h.vm.id} (${h.vm.name}) — ${h.vm.state}${h.vm.reason ? ` (${h.vm.reason})` : ''}\n`);
       print(
         table(

@@ -1,0 +1,104 @@
+/** The machines alone: pure folds, no database. Every lifecycle path and every refusal. */
+import { describe, expect, it } from 'vitest';
+import { decide, type MachineEvent } from '../src/engine/decide.ts';
+import type { StreamSnapshot } from '../src/store/projections.ts';
+
+function run(streamId: string, events: MachineEvent[]) {
+  let snap: StreamSnapshot | null = null;
+  const effects: string[][] = [];
+  const states: string[] = [];
+  for (const e of events) {
+    const d = decide(streamId, snap, e);
+    if (d.kind === 'rejected') throw new Error(d.reason);
+    if (d.kind === 'changed') {
+      snap = { streamId, kind: 'vm', machineVersion: 1, version: (snap?.version ?? 0) + 1, state: d.stateAfter, context: d.context, createdAt: new Date(0), updatedAt: new Date(0) };
+      effects.push(d.effects.map((x) => x.type));
+    } else effects.push([]);
+    states.push(snap!.state);
+  }
+  return { snap: snap!, effects, states };
+}
+
+const gpus = [{ moduleId: 1, pciAddress: '0000:17:00.0' }, { moduleId: 2, pciAddress: '0000:3d:00.0' }];
+const create: MachineEvent = { type: 'CREATE', vmId: 'vm-aaaaaaaaaa', name: 'x', hostId: 'h', partitionId: 4, gpus, memoryMiB: 64, vcpus: 1, powerdownTimeoutMs: 100 };
+const register: MachineEvent = { type: 'REGISTER', hostId: 'h', partitionId: 4, gpus };
+
+describe('partition machine', () => {
+  it('walks claim → prepare → activate → confirm → bind → ready → release path → free, in order', () => {
+    const r = run('partition:h:4', [
+      register, { type: 'CLAIM', vmId: 'vm-1' }, { type: 'GPUS_READY' }, { type: 'ACTIVATED', outcome: 'activated' }, { type: 'CONFIRMED_ACTIVE' },
+      { type: 'BOUND_VFIO' }, { type: 'RELEASE', vmId: 'vm-1' }, { type: 'BOUND_HOST' }, { type: 'DEACTIVATED', outcome: 'deactivated' }, { type: 'CONFIRMED_INACTIVE' },
+    ]);
+    expect(r.states).toEqual(['free', 'preparing', 'activating', 'confirmingActive', 'binding', 'ready', 'unbinding', 'deactivating', 'confirmingInactive', 'free']);
+    expect(r.effects.flat()).toEqual(['prepareGpus', 'activatePartition', 'confirmActive', 'bindVfio', 'notifyVm', 'bindHost', 'deactivatePartition', 'confirmInactive', 'notifyVm']);
+    expect(r.snap.context.vmId).toBeNull();
+  });
+
+  it('unwinds through the release path when activation fails, and tells the VM why', () => {
+    const r = run('partition:h:4', [register, { type: 'CLAIM', vmId: 'vm-1' }, { type: 'GPUS_READY' }, { type: 'EFFECT_FAILED', effect: 'activatePartition', error: 'fmReturn -8' }, { type: 'BOUND_HOST' }, { type: 'DEACTIVATED', outcome: 'already-inactive' }]);
+    expect(r.states.slice(3)).toEqual(['unbinding', 'deactivating', 'confirmingInactive']);
+    const d = decide('partition:h:4', r.snap, { type: 'CONFIRMED_INACTIVE' });
+    expect(d.kind === 'changed' && d.effects[0]).toMatchObject({ type: 'notifyVm', params: { notice: 'PARTITION_FAILED', reason: 'activatePartition: fmReturn -8' } });
+  });
+
+  it('remembers a RELEASE during start-up and honours it when the step completes', () => {
+    const r = run('partition:h:4', [register, { type: 'CLAIM', vmId: 'vm-1' }, { type: 'RELEASE', vmId: 'vm-1' }, { type: 'GPUS_READY' }]);
+    expect(r.states.at(-1)).toBe('unbinding');
+  });
+
+  it('refuses a RELEASE from a VM that does not hold the partition, and a second CLAIM', () => {
+    const r = run('partition:h:4', [register, { type: 'CLAIM', vmId: 'vm-1' }]);
+    expect(decide('partition:h:4', r.snap, { type: 'RELEASE', vmId: 'vm-2' }).kind).toBe('rejected');
+    expect(decide('partition:h:4', r.snap, { type: 'CLAIM', vmId: 'vm-2' }).kind).toBe('rejected');
+  });
+});
+
+describe('vm machine', () => {
+  it('runs create → running → delete → deleted with the stop sequence', () => {
+    const r = run('vm:x', [create, { type: 'PARTITION_READY' }, { type: 'QEMU_STARTED', pid: 42 }, { type: 'DELETE' }, { type: 'POWERDOWN_TIMEOUT' }, { type: 'QEMU_EXITED', how: 'quit' }, { type: 'PARTITION_RELEASED' }]);
+    expect(r.states).toEqual(['provisioning', 'starting', 'running', 'stopping', 'terminating', 'releasing', 'deleted']);
+    expect(r.effects).toEqual([[], ['startQemu'], [], ['powerdownQemu', 'powerdownTimer'], ['terminateQemu'], ['releasePartition'], []]);
+  });
+
+  it('ends failed with the partition’s reason', () => {
+    const r = run('vm:x', [create, { type: 'PARTITION_FAILED', reason: 'activatePartition: in-use' }]);
+    expect(r.snap.state).toBe('failed');
+    expect(r.snap.context.reason).toBe('activatePartition: in-use');
+  });
+
+  it('becomes crashed when QEMU dies on its own, after returning the partition', () => {
+    const r = run('vm:x', [create, { type: 'PARTITION_READY' }, { type: 'QEMU_STARTED', pid: 42 }, { type: 'QEMU_EXITED', how: 'process gone' }, { type: 'PARTITION_RELEASED' }]);
+    expect(r.states.slice(-2)).toEqual(['releasing', 'crashed']);
+    expect(r.effects.at(-2)).toEqual(['releasePartition']);
+  });
+
+  it('accepts DELETE in every state but deleted', () => {
+    const paths: MachineEvent[][] = [
+      [create],
+      [create, { type: 'PARTITION_READY' }],
+      [create, { type: 'PARTITION_READY' }, { type: 'QEMU_STARTED', pid: 1 }],
+      [create, { type: 'PARTITION_FAILED', reason: 'x' }],
+      [create, { type: 'PARTITION_READY' }, { type: 'QEMU_STARTED', pid: 1 }, { type: 'QEMU_EXITED', how: 'x' }],
+      [create, { type: 'PARTITION_READY' }, { type: 'QEMU_STARTED', pid: 1 }, { type: 'QEMU_EXITED', how: 'x' }, { type: 'PARTITION_RELEASED' }],
+    ];
+    for (const p of paths) {
+      const r = run('vm:x', p);
+      expect(decide('vm:x', r.snap, { type: 'DELETE' }).kind, r.snap.state).toBe('changed');
+    }
+    const done = run('vm:x', [create, { type: 'DELETE' }, { type: 'PARTITION_RELEASED' }]);
+    expect(done.snap.state).toBe('deleted');
+    expect(decide('vm:x', done.snap, { type: 'DELETE' }).kind).toBe('rejected');
+  });
+
+  it('honours a DELETE that arrived while QEMU was starting', () => {
+    const r = run('vm:x', [create, { type: 'PARTITION_READY' }, { type: 'DELETE' }, { type: 'QEMU_STARTED', pid: 1 }]);
+    expect(r.snap.state).toBe('stopping');
+  });
+
+  it('refuses events the state cannot take, with a message naming the state', () => {
+    const r = run('vm:x', [create]);
+    const d = decide('vm:x', r.snap, { type: 'QEMU_STARTED', pid: 1 });
+    expect(d).toMatchObject({ kind: 'rejected', state: 'provisioning' });
+    expect(d.kind === 'rejected' && d.reason).toContain('provisioning');
+  });
+});
