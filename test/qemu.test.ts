@@ -1,6 +1,8 @@
 import { chmodSync, existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { spawn } from 'node:child_process';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
+import { pathToFileURL } from 'node:url';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import {
   Qemu,
@@ -20,7 +22,9 @@ import {
 import type { QmpClient } from '../src/host/qmp.ts';
 
 const FIXTURES = resolve(import.meta.dirname, 'fixtures/qemu');
-const STANDIN = resolve(import.meta.dirname, '../src/host/sim/bin/qemu-standin.mjs');
+const REPO = resolve(import.meta.dirname, '..');
+const STANDIN = join(REPO, 'src/host/sim/bin/qemu-standin.mjs');
+const QEMU_TS = join(REPO, 'src/host/qemu.ts');
 const V7_2: QemuVersion = { major: 7, minor: 2, micro: 22, text: 'QEMU emulator version 7.2.22' };
 const V10_1: QemuVersion = { major: 10, minor: 1, micro: 0, text: 'QEMU emulator version 10.1.0' };
 const RUN = '/run/gpuvm/vm-a';
@@ -238,7 +242,7 @@ async function until<T>(what: string, fn: () => Promise<T | undefined | false>, 
 
 interface PciDevice {
   qdev_id: string;
-  pci_bridge?: { bus: { devices: PciDevice[] } };
+  pci_bridge?: { bus: { secondary: number }; devices?: PciDevice[] };
 }
 
 function lifecycleSuite(label: string, kind: 'real' | 'standin') {
@@ -314,12 +318,12 @@ function lifecycleSuite(label: string, kind: 'real' | 'standin') {
           const buses = await qmp.execute<Array<{ bus: number; devices: PciDevice[] }>>('query-pci');
           const devs = buses.find((b) => b.bus === 0)?.devices ?? [];
           const ports = devs.filter((d) => /^rp\d$/.test(d.qdev_id));
-          return ports.length === 4 && ports.every((p) => (p.pci_bridge?.bus.devices.length ?? 0) > 0) ? devs : undefined;
+          return ports.length === 4 && ports.every((p) => (p.pci_bridge?.devices?.length ?? 0) > 0) ? devs : undefined;
         }, 30_000);
         expect(bus0.some((d) => d.qdev_id.startsWith('gpu'))).toBe(false);
         for (let n = 0; n < 4; n++) {
           const port = bus0.find((d) => d.qdev_id === `rp${n}`)!;
-          expect(port.pci_bridge!.bus.devices.map((d) => d.qdev_id)).toEqual([`gpu${n}`]);
+          expect(port.pci_bridge!.devices!.map((d) => d.qdev_id)).toEqual([`gpu${n}`]);
         }
       }
     });
@@ -338,6 +342,72 @@ function lifecycleSuite(label: string, kind: 'real' | 'standin') {
       expect(await fresh.terminate('again')).toBe('not-running');
       await fresh.cleanup('again');
       expect(existsSync(fresh.runDir('again'))).toBe(false);
+    });
+
+    it('QEMU outlives a SIGKILLed gpuvm, and the next gpuvm finds it', async () => {
+      vmIds.add('orphan');
+      const script = join(root, 'start-orphan.mts');
+      writeFileSync(
+        script,
+        [
+          `import { Qemu } from ${JSON.stringify(pathToFileURL(QEMU_TS).href)};`,
+          `const q = new Qemu(${JSON.stringify(opts())});`,
+          `const r = await q.start(${JSON.stringify({ ...vmSpec('orphan', 1) })});`,
+          `process.stdout.write(JSON.stringify(r) + '\\n');`,
+          `setInterval(() => {}, 1 << 30);`,
+        ].join('\n'),
+      );
+      const gpuvm = spawn(process.execPath, ['--import', 'tsx', script], { cwd: REPO, stdio: ['ignore', 'pipe', 'inherit'] });
+      const exited = new Promise((r) => gpuvm.once('exit', r));
+      try {
+        const firstLine = await new Promise<string>((resolveLine, reject) => {
+          let out = '';
+          gpuvm.stdout!.on('data', (chunk: Buffer) => {
+            out += chunk.toString();
+            if (out.includes('\n')) resolveLine(out.split('\n')[0]!);
+          });
+          gpuvm.once('exit', (code) => reject(new Error(`start script exited with ${code}`)));
+        });
+        const { pid } = JSON.parse(firstLine) as { pid: number };
+        gpuvm.kill('SIGKILL');
+        await exited;
+        await new Promise((r) => setTimeout(r, 300));
+        const fresh = new Qemu(opts());
+        expect(await fresh.status('orphan', { queryQmp: true })).toEqual({ running: true, pid, qmpStatus: 'running' });
+        expect(await fresh.start(vmSpec('orphan', 1))).toMatchObject({ pid, alreadyRunning: true });
+        expect(await fresh.terminate('orphan')).toBe('quit');
+      } finally {
+        if (gpuvm.exitCode === null && gpuvm.signalCode === null) gpuvm.kill('SIGKILL');
+        await exited;
+      }
+    });
+
+    it('one QMP client at a time: a second one is kept waiting or refused', async () => {
+      const qemu = new Qemu(opts());
+      await qemu.start(vmSpec('single', 1));
+      const first = await qemu.connect('single');
+      openClients.push(first);
+      const second = await rejected(qemu.connect('single', { timeoutMs: 500 }));
+      expect(second.code).toBe('qmp');
+      expect(second.message).toMatch(kind === 'real' ? /no greeting within 500 ms/ : /closed before greeting/);
+      await first.close();
+      // The real QEMU may still be busy with the abandoned second connection for a moment.
+      const again = await until('QMP free again', async () => qemu.connect('single', { timeoutMs: 1_000 }).catch(() => undefined), 10_000);
+      openClients.push(again);
+      expect(await again.execute<{ status: string }>('query-status')).toMatchObject({ status: 'running' });
+    });
+
+    it('paths with commas are escaped for QEMU option strings; file-backed memory is accepted', async () => {
+      const runRoot = join(root, 'run,with,commas');
+      const memDir = join(root, 'mem,dir');
+      mkdirSync(memDir, { recursive: true });
+      const qemu = new Qemu(opts({ runRoot }));
+      const started = await qemu.start({ ...vmSpec('commas', 1), hugepagesPath: memDir });
+      expect(started.args).toContain(`unix:${join(root, 'run,,with,,commas', 'commas', 'qmp.sock')},server=on,wait=off`);
+      expect(await qemu.status('commas', { queryQmp: true })).toMatchObject({ running: true, qmpStatus: 'running' });
+      expect(await qemu.terminate('commas')).toBe('quit');
+      await qemu.cleanup('commas');
+      vmIds.delete('commas');
     });
 
     it('powerdown: the stand-in guest powers off; a firmware-only real VM ignores it', async () => {
@@ -423,11 +493,14 @@ function lifecycleSuite(label: string, kind: 'real' | 'standin') {
       const props = await qemu.vfioPciProperties();
       const args = buildQemuArgs(spec(8), { version: await qemu.version(), runDir: '/r', accel: 'tcg', forceNoMmap: true });
       for (const p of vfioPropertiesUsed(args)) expect(props.has(p)).toBe(true);
+      if (kind === 'standin') {
+        expect(props).toEqual(parseDeviceProperties(readFileSync(join(FIXTURES, 'vfio-pci-help-7.2.txt'), 'utf8')));
+      }
       if (kind === 'real') {
         // QEMU accepts every property and only then fails to open the (absent) host device.
         const err = await rejected(qemu.start({ ...vmSpec('vfio', 1), gpuDevice: 'vfio-pci' }));
         expect(err.code).toBe('exited');
-        expect(err.message).toMatch(/vfio 0000:17:00\.0/);
+        expect(err.message).toMatch(/vfio \S*0000:17:00\.0: no such host device/);
         expect(err.message).not.toMatch(/Property .* not found/);
       }
     });
@@ -449,11 +522,17 @@ describe('Qemu against a binary that lacks a property', () => {
   it('refuses vfio-pci when x-no-mmap is needed but missing; spawn errors are typed', async () => {
     const help = readFileSync(join(FIXTURES, 'vfio-pci-help-7.2.txt'), 'utf8').replace(/^ {2}x-no-mmap=.*\n/m, '');
     writeFileSync(join(root, 'help.txt'), help);
-    const bin = writeScript(
-      root,
-      'old-qemu',
-      `case "$1" in --version) echo 'QEMU emulator version 7.2.0';; -device) cat '${join(root, 'help.txt')}';; *) exit 1;; esac`,
+    // A node script, so it needs nothing from PATH.
+    const bin = join(root, 'old-qemu');
+    writeFileSync(
+      bin,
+      `#!${process.execPath}\n` +
+        `const a = process.argv.slice(2);\n` +
+        `if (a[0] === '--version') console.log('QEMU emulator version 7.2.0');\n` +
+        `else if (a[0] === '-device' && a[1] === 'vfio-pci,help') process.stdout.write(${JSON.stringify(help)});\n` +
+        `else process.exit(1);\n`,
     );
+    chmodSync(bin, 0o755);
     const qemu = new Qemu({ bin, runRoot: join(root, 'run'), accel: 'tcg' });
     expect((await qemu.vfioPciProperties()).has('x-no-mmap')).toBe(false);
     const err = await rejected(qemu.start({ vmId: 'old', memoryMiB: 128, vcpus: 1, gpus: [GPUS[0]!], gpuDevice: 'vfio-pci' }));

@@ -220,7 +220,7 @@ export class Fmpm {
     try {
       return parsePartitionTable(stdout);
     } catch (err) {
-      if (err instanceof FmpmError) throw new FmpmError(err.code, `fmpm (${this.bin}) -l: ${err.message}`, { exitCode: 0, cause: err });
+      if (err instanceof FmpmError) throw new FmpmError(err.code, `${this.bin}: ${err.message}`, { exitCode: 0, cause: err });
       throw err;
     }
   }

@@ -107,7 +107,8 @@ interface TextNode {
   children: TextNode[];
 }
 
-const GPU_HEADER = /^GPU\s+([0-9A-Fa-f]{4,8}:[0-9A-Fa-f]{2}:[0-9A-Fa-f]{2}\.[0-7])$/;
+/** `GPU 00000000:17:00.0` at the top level; the bus id is validated later, so a mangled one fails loudly. */
+const GPU_HEADER = /^GPU\s+(\S+)$/;
 
 /**
  * One node per non-empty line; a line's children are the lines below it indented deeper.
@@ -154,7 +155,7 @@ export function parseNvidiaSmiText(text: string): NvidiaSmiReport {
   const gpus = gpuNodes.map((g) =>
     toGpu(
       {
-        busId: GPU_HEADER.exec(g.key)![1] ?? textValue(g, 'PCI', 'Bus Id'),
+        busId: GPU_HEADER.exec(g.key)![1],
         productName: textValue(g, 'Product Name'),
         moduleId: textValue(g, 'Platform Info', 'Module Id'),
         uuid: textValue(g, 'GPU UUID'),
@@ -279,7 +280,7 @@ export class NvidiaSmi {
     }
     if (result.exitCode === undefined) {
       if (result.signal) throw new NvidiaSmiError('failed', `${cmd}: killed by ${result.signal}`);
-      const reason = (result.code as string | undefined) ?? (result.shortMessage as string | undefined) ?? 'unknown reason';
+      const reason = result.code ?? result.shortMessage ?? 'unknown reason';
       throw new NvidiaSmiError('spawn-failed', `${cmd}: could not start the binary (${reason})`, { cause: result.cause });
     }
     if (result.exitCode === EXIT_NO_DEVICES && /No devices were found/i.test(stdout + stderr)) {

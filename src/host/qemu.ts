@@ -387,7 +387,10 @@ export class Qemu {
     return next;
   }
 
-  start(spec: QemuVmSpec): Promise<{ pid: number; alreadyRunning: boolean; args: string[] }> {
+  /** Observe first: a live QEMU for this VM (pidfile + /proc) is returned as is, with `args` read
+   *  from its /proc cmdline. Otherwise spawn it detached and wait for pidfile, QMP and
+   *  `query-status`. Serialised per VM within this process. */
+  async start(spec: QemuVmSpec): Promise<{ pid: number; alreadyRunning: boolean; args: string[] }> {
     validateVmId(spec?.vmId);
     return this.#withLock(spec.vmId, () => this.#start(spec));
   }
@@ -559,7 +562,9 @@ export class Qemu {
     }
   }
 
-  terminate(vmId: string, opts: { quitTimeoutMs?: number; termTimeoutMs?: number } = {}): Promise<'not-running' | 'quit' | 'sigterm' | 'sigkill'> {
+  /** quit over QMP → wait → SIGTERM → wait → SIGKILL → wait; resolves once the process is gone.
+   *  Each signal goes only to a pid whose /proc cmdline still names this VM's pidfile. */
+  async terminate(vmId: string, opts: { quitTimeoutMs?: number; termTimeoutMs?: number } = {}): Promise<'not-running' | 'quit' | 'sigterm' | 'sigkill'> {
     validateVmId(vmId);
     return this.#withLock(vmId, () => this.#terminate(vmId, opts));
   }
@@ -581,18 +586,25 @@ export class Qemu {
       }
     };
 
-    // 1. quit over QMP, all within quitTimeoutMs (a busy or hung QMP falls through to signals).
+    // 1. quit over QMP, all within quitTimeoutMs. QMP busy (one client at a time) or hung:
+    //    fall through to signals.
     const quitDeadline = Date.now() + quitTimeoutMs;
     let qmp: QmpClient | undefined;
     try {
       qmp = await QmpClient.connect(this.#paths(vmId).qmpSocket, { timeoutMs: quitTimeoutMs });
-      await qmp.execute('quit', undefined, { timeoutMs: Math.max(1, quitDeadline - Date.now()) });
     } catch {
-      // 'closed' is normal: QEMU may exit before its reply is read.
-    } finally {
-      await qmp?.close();
+      // not reachable over QMP
     }
-    if (await goneWithin(Math.max(0, quitDeadline - Date.now()))) return 'quit';
+    if (qmp) {
+      try {
+        await qmp.execute('quit', undefined, { timeoutMs: Math.max(1, quitDeadline - Date.now()) });
+      } catch {
+        // 'closed' is normal: QEMU may exit before its reply is read.
+      } finally {
+        await qmp.close();
+      }
+      if (await goneWithin(Math.max(0, quitDeadline - Date.now()))) return 'quit';
+    }
 
     // 2./3. Signals, re-checking identity each time so a recycled pid is never hit.
     let previous: 'quit' | 'sigterm' = 'quit';

@@ -124,7 +124,7 @@ export class QmpClient {
 
     const client = new QmpClient(socketPath, socket);
     try {
-      await client.#readGreeting(Math.max(0, deadline - Date.now()));
+      await client.#readGreeting(Math.max(0, deadline - Date.now()), timeoutMs);
       await client.execute('qmp_capabilities', undefined, { timeoutMs: Math.max(1, deadline - Date.now()) });
     } catch (err) {
       socket.destroy();
@@ -133,14 +133,14 @@ export class QmpClient {
     return client;
   }
 
-  #readGreeting(timeoutMs: number): Promise<QmpGreeting> {
+  #readGreeting(timeoutMs: number, totalMs: number): Promise<QmpGreeting> {
     return new Promise<QmpGreeting>((resolve, reject) => {
       const timer = setTimeout(() => {
         this.#onGreeting = undefined;
         this.#onEarlyFailure = undefined;
         // QEMU accepts a second connection at the kernel level but stays silent until the
         // first client leaves; this is what that looks like from here.
-        reject(new QmpError('timeout', `QMP ${this.socketPath}: no greeting within ${timeoutMs} ms (is another client connected?)`));
+        reject(new QmpError('timeout', `QMP ${this.socketPath}: no greeting within ${totalMs} ms (is another client connected?)`));
       }, timeoutMs);
       this.#onGreeting = (g) => {
         clearTimeout(timer);

@@ -472,6 +472,13 @@ function xmlBlock(f) {
       ['clocks_event_reason_sw_thermal_slowdown', 'Not Active'],
       ['clocks_event_reason_display_clocks_setting', 'Not Active'],
     ]],
+    ['clocks_event_reasons_counters', [
+      ['clocks_event_reasons_counters_sw_power_cap', '0 us'],
+      ['clocks_event_reasons_counters_sync_boost', '0 us'],
+      ['clocks_event_reasons_counters_sw_therm_slowdown', '0 us'],
+      ['clocks_event_reasons_counters_hw_therm_slowdown', '0 us'],
+      ['clocks_event_reasons_counters_hw_power_brake', '0 us'],
+    ]],
     ['sparse_operation_mode', 'Disabled'],
     ['fb_memory_usage', [['total', '183359 MiB'], ['reserved', '1029 MiB'], ['used', '0 MiB'], ['free', '182330 MiB']]],
     ['bar1_memory_usage', [['total', '262144 MiB'], ['used', '1 MiB'], ['free', '262143 MiB']]],
@@ -485,13 +492,29 @@ function xmlBlock(f) {
       ['jpeg_util', '0 %'],
       ['ofa_util', '0 %'],
     ]],
+    ['encoder_stats', [['session_count', '0'], ['average_fps', '0'], ['average_latency', '0']]],
+    ['fbc_stats', [['session_count', '0'], ['average_fps', '0'], ['average_latency', '0']]],
+    ['dram_encryption_mode', [['current_dram_encryption', 'Disabled'], ['pending_dram_encryption', 'Disabled']]],
     ['ecc_mode', [['current_ecc', 'Enabled'], ['pending_ecc', 'Enabled']]],
     ['ecc_errors', [
       ['volatile', ecc([])],
       ['aggregate', ecc([['sram_threshold_exceeded', 'No']])],
+      ['aggregate_uncorrectable_sram_sources', [
+        ['sram_l2', '0'],
+        ['sram_sm', '0'],
+        ['sram_microcontroller', '0'],
+        ['sram_pcie', '0'],
+        ['sram_other', '0'],
+      ]],
       ['channel_repair_pending', 'No'],
       ['tpc_repair_pending', 'No'],
       ['unrepairable_memory', 'No'],
+    ]],
+    ['retired_pages', [
+      ['multiple_single_bit_retirement', [['retired_count', na], ['retired_pagelist', na]]],
+      ['double_bit_retirement', [['retired_count', na], ['retired_pagelist', na]]],
+      ['pending_blacklist', na],
+      ['pending_retirement', na],
     ]],
     ['remapped_rows', [
       ['remapped_row_corr', '0'],
@@ -500,6 +523,13 @@ function xmlBlock(f) {
       ['remapped_row_unc_inactive', '0'],
       ['remapped_row_pending', 'No'],
       ['remapped_row_failure', 'No'],
+      ['row_remapper_histogram', [
+        ['row_remapper_histogram_max', '2560 bank(s)'],
+        ['row_remapper_histogram_high', '0 bank(s)'],
+        ['row_remapper_histogram_partial', '0 bank(s)'],
+        ['row_remapper_histogram_low', '0 bank(s)'],
+        ['row_remapper_histogram_none', '0 bank(s)'],
+      ]],
     ]],
     ['temperature', [
       ['gpu_temp', '33 C'],
@@ -511,11 +541,19 @@ function xmlBlock(f) {
       ['memory_temp', '35 C'],
       ['gpu_temp_max_mem_tlimit_threshold', '0 C'],
     ]],
+    ['supported_gpu_target_temp', [['gpu_target_temp_min', na], ['gpu_target_temp_max', na]]],
     ['gpu_power_readings', power('1000.00 W')],
+    ['gpu_memory_power_readings', [['average_power_draw', '61.20 W'], ['instant_power_draw', na]]],
     ['module_power_readings', power(null)],
     ['power_smoothing', 'Disabled'],
+    ['power_profiles', [['power_profile_requested_profiles', na], ['power_profile_enforced_profiles', na]]],
     ['clocks', [['graphics_clock', '1965 MHz'], ['sm_clock', '1965 MHz'], ['mem_clock', '3996 MHz'], ['video_clock', '1680 MHz']]],
+    ['applications_clocks', [['graphics_clock', '1965 MHz'], ['mem_clock', '3996 MHz']]],
+    ['default_applications_clocks', [['graphics_clock', '1965 MHz'], ['mem_clock', '3996 MHz']]],
+    ['deferred_clocks', [['mem_clock', na]]],
     ['max_clocks', [['graphics_clock', '1965 MHz'], ['sm_clock', '1965 MHz'], ['mem_clock', '3996 MHz'], ['video_clock', '1680 MHz']]],
+    ['max_customer_boost_clocks', [['graphics_clock', '1965 MHz']]],
+    ['clock_policy', [['auto_boost', na], ['auto_boost_default', na]]],
     ['fabric', [
       ['state', f.fabricState],
       ['status', f.fabricStatus],
@@ -531,10 +569,21 @@ function xmlBlock(f) {
         ['partition_assigned', f.fabricState === 'Completed' ? 'True' : 'False'],
       ]],
     ]],
+    ['supported_clocks', [
+      ['supported_mem_clock', [['value', '3996 MHz'], ...graphicsClocks()]],
+      ['supported_mem_clock', [['value', '1593 MHz'], ...graphicsClocks()]],
+    ]],
     ['processes', []],
     ['accounted_processes', []],
     ['capabilities', [['egm', 'disabled']]],
   ];
+}
+
+/** The real list runs in 15 MHz steps from the boost clock down to 345 MHz. */
+function graphicsClocks() {
+  const out = [];
+  for (let mhz = 1965; mhz >= 345; mhz -= 15) out.push(['supported_graphics_clock', `${mhz} MHz`]);
+  return out;
 }
 
 function esc(text) {
