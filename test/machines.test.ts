@@ -4,7 +4,7 @@ import { decide, type MachineEvent } from '../src/engine/decide.ts';
 import type { StreamSnapshot } from '../src/store/projections.ts';
 
 function run(streamId: string, events: MachineEvent[]) {
-  let snap: StreamSnapshot | null = null;
+  let snap = null as StreamSnapshot | null;
   const effects: string[][] = [];
   const states: string[] = [];
   for (const e of events) {
