@@ -7,8 +7,8 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { NvidiaSmi, NvidiaSmiError, parseNvidiaSmiText, parseNvidiaSmiXml, type NvidiaSmiReport } from '../src/host/nvidia-smi.ts';
 
 const NVIDIA_SMI_MJS = fileURLToPath(new URL('../src/host/sim/bin/nvidia-smi.mjs', import.meta.url));
-// The real H100 captures live beside the repository: /work/shared/fixtures/host-captures/.
-const CAPTURES = fileURLToPath(new URL('../../shared/fixtures/host-captures/', import.meta.url));
+// Real H100 captures (copied from shared/fixtures/host-captures).
+const CAPTURES = fileURLToPath(new URL('./fixtures/host-captures/', import.meta.url));
 
 /** A B200-style `nvidia-smi -q` excerpt, written by hand in the real layout (several GPUs, key padding to column 55). */
 const B200_TEXT = `

@@ -6,11 +6,12 @@ import { mkdir, mkdtemp, readFile, rm, stat, writeFile } from 'node:fs/promises'
 import { tmpdir } from 'node:os';
 import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
+import { fileURLToPath } from 'node:url';
 import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
 import { createSimHost, startSimKernel, stopSimKernel, writeFaults, type SimHostInfo } from '../src/host/sim/sim-host.ts';
 import { Sysfs, SysfsError } from '../src/host/sysfs.ts';
 
-const CAPTURE = '/work/shared/fixtures/host-captures/h100-sxm-sysfs.txt';
+const CAPTURE = fileURLToPath(new URL('./fixtures/host-captures/h100-sxm-sysfs.txt', import.meta.url));
 const MiB = 1n << 20n;
 const GiB = 1n << 30n;
 

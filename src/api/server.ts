@@ -41,7 +41,7 @@ const createVmBody = z
   .strict();
 
 function parseBody<T>(schema: z.ZodType<T>, body: unknown): T {
-  if (body === undefined || body === null || typeof body !== 'object') throw badRequest('expected a JSON object body');
+  if (body === undefined || body === null || typeof body !== 'object' || Array.isArray(body)) throw badRequest('expected a JSON object body');
   const result = schema.safeParse(body);
   if (!result.success) {
     const issue = result.error.issues[0]!;

@@ -33,6 +33,9 @@ function newVmId(): string {
   return 'vm-' + Array.from(randomBytes(10), (b) => alphabet[b % alphabet.length]).join('');
 }
 
+/** The chosen partition was taken between reading the table and claiming it. */
+class PlacementRace extends Error {}
+
 function isUniqueViolation(err: unknown, constraint: string): boolean {
   const e = err as { code?: string; constraint?: string };
   return e?.code === '23505' && e.constraint === constraint;
@@ -81,7 +84,8 @@ export class VmService {
           const pStream = partitionStream(this.hostId, chosen.partitionId);
           const meta = { actor: req.actor, correlationId: vmId, causationId };
           const claim = await applyEvent(tx, pStream, { type: 'CLAIM', vmId }, meta, this.policy);
-          if (claim.kind !== 'changed') throw new Error(`partition ${chosen.partitionId} refused the claim: ${claim.kind === 'rejected' ? claim.reason : 'unchanged'}`);
+          // Another placement claimed it after we read the table: decide again on fresh state.
+          if (claim.kind !== 'changed') throw new PlacementRace();
           const ctx = claim.snapshot.context as { gpus: { moduleId: number; pciAddress: string }[] };
           const created = await applyEvent(
             tx,
@@ -104,7 +108,7 @@ export class VmService {
           return (await this.find(tx, vmId))!;
         });
       } catch (err) {
-        if (isUniqueViolation(err, 'gpu_claims_pkey')) continue;
+        if (err instanceof PlacementRace || isUniqueViolation(err, 'gpu_claims_pkey')) continue;
         if (isUniqueViolation(err, 'vms_live_name')) throw conflict('name-taken', `a VM named ${JSON.stringify(name)} already exists`);
         throw err;
       }
