@@ -4,6 +4,8 @@
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { join } from 'node:path';
+import { sql } from 'kysely';
+import { verifyProjections } from '../src/engine/rebuild.ts';
 import { writeFaults } from '../src/host/sim/sim-host.ts';
 import { expectInvariantsAtRest, hostPicture } from './support/invariants.ts';
 import { startTestService, usingPostgres, waitUntil, type TestService } from './support/env.ts';
@@ -129,6 +131,31 @@ describe(`VM lifecycles on the simulated host (${usingPostgres ? 'postgres' : 'p
     const running = await t.service.vms.get(vm.id);
     expect(running.gpus.map((g) => g.moduleId)).toEqual([1, 2, 3, 4, 5, 6, 7, 8]);
     await hostPicture(t.service);
+    await t.service.vms.delete(vm.id, 'test');
+    await until(vm.id, 'deleted');
+    await expectInvariantsAtRest(t.service);
+  });
+
+  it('replay: folding every stream reproduces every projection row, and a tampered row is named', async () => {
+    const vm = await t.service.vms.create({ gpus: 2, actor: 'test' });
+    await until(vm.id, 'running');
+    const db = t.service.db.kysely;
+    const clean = await verifyProjections(db);
+    expect(clean.differences).toEqual([]);
+    expect(clean.streams).toBeGreaterThanOrEqual(17); // host, 15 partitions, at least this VM
+    expect(clean.events).toBeGreaterThanOrEqual(16 + 8);
+
+    await sql`update vms set state = 'crashed' where id = ${vm.id}`.execute(db);
+    const tamperedVm = await verifyProjections(db);
+    expect(tamperedVm.differences.map((d) => `${d.streamId} ${d.table}`)).toEqual([`vm:${vm.id} vms`]);
+    await sql`update vms set state = 'running' where id = ${vm.id}`.execute(db);
+
+    const claim = await db.selectFrom('gpu_claims').selectAll().where('vm_id', '=', vm.id).limit(1).executeTakeFirstOrThrow();
+    await sql`delete from gpu_claims where host_id = ${claim.host_id} and module_id = ${claim.module_id}`.execute(db);
+    expect((await verifyProjections(db)).differences.map((d) => d.table)).toEqual(['gpu_claims']);
+    await db.insertInto('gpu_claims').values(claim).execute();
+    expect((await verifyProjections(db)).differences).toEqual([]);
+
     await t.service.vms.delete(vm.id, 'test');
     await until(vm.id, 'deleted');
     await expectInvariantsAtRest(t.service);

@@ -1,0 +1,89 @@
+/** The CLI as a user runs it, against `gpuvm serve` in a child process. */
+import { execFile } from 'node:child_process';
+import { readdirSync, rmSync } from 'node:fs';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { promisify } from 'node:util';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { Qemu } from '../src/host/qemu.ts';
+import { stopSimKernel } from '../src/host/sim/sim-host.ts';
+import { freePort, startServeChild, type ServeChild } from './support/child.ts';
+import { freshDatabaseUrl, tempDir, usingPostgres } from './support/env.ts';
+
+const BIN = fileURLToPath(new URL('../bin/gpuvm.js', import.meta.url));
+const dataDir = tempDir();
+let child: ServeChild;
+let dropDb = async () => {};
+
+async function gpuvm(...args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
+  try {
+    const { stdout, stderr } = await promisify(execFile)(process.execPath, [BIN, '--url', child.url, ...args], { timeout: 120_000 });
+    return { code: 0, stdout, stderr };
+  } catch (err) {
+    const e = err as { code: number; stdout: string; stderr: string };
+    return { code: e.code, stdout: e.stdout, stderr: e.stderr };
+  }
+}
+
+describe(`gpuvm CLI (${usingPostgres ? 'postgres' : 'pglite'})`, () => {
+  beforeAll(async () => {
+    const db = await freshDatabaseUrl();
+    dropDb = db.drop;
+    child = await startServeChild({ dataDir, port: await freePort(), databaseUrl: db.url });
+  });
+  afterAll(async () => {
+    await child?.kill('SIGTERM');
+    const qemu = new Qemu({ bin: 'qemu-system-x86_64', runRoot: join(dataDir, 'run'), accel: 'tcg' });
+    for (const id of (() => { try { return readdirSync(join(dataDir, 'run')); } catch { return []; } })()) await qemu.terminate(id).catch(() => {});
+    await stopSimKernel(join(dataDir, 'sim', 'sim-b200')).catch(() => {});
+    await dropDb();
+    rmSync(dataDir, { recursive: true, force: true });
+  });
+
+  it('creates, lists, shows, prints history and deletes a VM', async () => {
+    const created = await gpuvm('vm', 'create', '--gpus', '2', '--name', 'cli-vm', '--wait');
+    expect(created.code, created.stderr).toBe(0);
+    const id = /^(vm-[a-z0-9]{10}) running/.exec(created.stdout)?.[1];
+    expect(id, created.stdout).toBeTruthy();
+    expect(created.stderr).toContain(`${id}: running`);
+
+    const ls = await gpuvm('vm', 'ls');
+    expect(ls.stdout.split('\n')[0]).toMatch(/^ID\s+NAME\s+STATE\s+GPUS\s+PARTITION\s+MODULES\s+CREATED$/);
+    expect(ls.stdout).toMatch(new RegExp(`${id}\\s+cli-vm\\s+running\\s+2\\s+\\d+`));
+    const lsJson = JSON.parse((await gpuvm('vm', 'ls', '--json')).stdout);
+    expect(lsJson).toHaveLength(1);
+    expect(lsJson[0]).toMatchObject({ id, name: 'cli-vm', state: 'running', gpu_count: 2 });
+
+    const show = await gpuvm('vm', 'show', id!);
+    expect(show.stdout).toMatch(/state:\s+running/);
+    expect(show.stdout).toMatch(/0: module \d+\s+0000:[0-9a-f]{2}:00\.0/);
+
+    const history = await gpuvm('history', id!);
+    expect(history.stdout).toMatch(/CLAIM\s+free → preparing/);
+    expect(history.stdout).toMatch(/QEMU_STARTED\s+starting → running/);
+    expect(history.stdout).toContain('Effects:');
+    const historyJson = JSON.parse((await gpuvm('history', id!, '--json')).stdout);
+    expect(historyJson.events.length).toBeGreaterThanOrEqual(8);
+
+    const rm = await gpuvm('vm', 'rm', id!, '--wait');
+    expect(rm.code, rm.stderr).toBe(0);
+    expect(rm.stdout.trim()).toBe(`${id} deleted`);
+  }, 120_000);
+
+  it('prints one line and exits non-zero on every error', async () => {
+    const cases: [string[], RegExp][] = [
+      [['vm', 'create', '--gpus', '3'], /^gpuvm: gpus must be 1, 2, 4 or 8 \(got 3\)\n$/],
+      [['vm', 'create', '--gpus', 'two'], /^gpuvm: --gpus must be 1, 2, 4 or 8/],
+      [['vm', 'create', '--gpus', '1', '--name', 'a/b'], /^gpuvm: name: name may hold only/],
+      [['vm', 'show', 'vm-0000000000'], /^gpuvm: no VM vm-0000000000\n$/],
+      [['vm', 'rm', 'nope'], /^gpuvm: invalid VM id "nope"/],
+      [['--url', 'http://127.0.0.1:1', 'vm', 'ls'], /^gpuvm: cannot reach the gpuvm service at http:\/\/127\.0\.0\.1:1/],
+    ];
+    for (const [args, message] of cases) {
+      const r = await gpuvm(...args);
+      expect(r.code, args.join(' ')).toBe(1);
+      expect(r.stderr, args.join(' ')).toMatch(message);
+      expect(r.stderr.trim().split('\n'), args.join(' ')).toHaveLength(1);
+    }
+  }, 60_000);
+});
