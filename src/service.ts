@@ -56,7 +56,8 @@ export async function startService(config: Config, opts: { log?: Logger; host?: 
     const policy: EffectPolicy & RetryPolicy = retryPolicy(config);
     await registerHost(db.kysely, host, policy, log);
 
-    const vms = new VmService(db.kysely, host.hostId, { memoryMiB: config.vmMemoryMiB, vcpus: config.vmVcpus, powerdownTimeoutMs: config.powerdownTimeoutMs }, policy);
+    const powerdownTimeoutMs = config.powerdownTimeoutMs ?? (host.simulated ? 3000 : 30_000);
+    const vms = new VmService(db.kysely, host.hostId, { memoryMiB: config.vmMemoryMiB, vcpus: config.vmVcpus, powerdownTimeoutMs }, policy);
     const worker = new EffectWorker(db, {
       hostId: host.hostId,
       handlers: createHandlers(host),

@@ -6,7 +6,7 @@ import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { Qemu } from '../src/host/qemu.ts';
-import { stopSimKernel } from '../src/host/sim/sim-host.ts';
+import { simKernelRunning, stopSimKernel } from '../src/host/sim/sim-host.ts';
 import { freePort, startServeChild, type ServeChild } from './support/child.ts';
 import { freshDatabaseUrl, tempDir, usingPostgres } from './support/env.ts';
 
@@ -70,6 +70,7 @@ describe(`gpuvm CLI (${usingPostgres ? 'postgres' : 'pglite'})`, () => {
     expect(rm.stdout.trim()).toBe(`${id} deleted`);
   }, 120_000);
 
+
   it('prints one line and exits non-zero on every error', async () => {
     const cases: [string[], RegExp][] = [
       [['vm', 'create', '--gpus', '3'], /^gpuvm: gpus must be 1, 2, 4 or 8 \(got 3\)\n$/],
@@ -86,4 +87,17 @@ describe(`gpuvm CLI (${usingPostgres ? 'postgres' : 'pglite'})`, () => {
       expect(r.stderr.trim().split('\n'), args.join(' ')).toHaveLength(1);
     }
   }, 60_000);
+
+  it('sim-down stops the VMs and the simulated kernel left running after the service stops', async () => {
+    const created = await gpuvm('vm', 'create', '--gpus', '1', '--wait');
+    const id = /^(vm-[a-z0-9]{10}) running/.exec(created.stdout)![1]!;
+    await child.kill('SIGTERM');
+    const qemu = new Qemu({ bin: 'qemu-system-x86_64', runRoot: join(dataDir, 'run'), accel: 'tcg' });
+    expect((await qemu.status(id)).running).toBe(true);
+    const down = await promisify(execFile)(process.execPath, [BIN, 'sim-down', '--data-dir', dataDir]);
+    expect(down.stdout).toContain(`${id}: QEMU stopped`);
+    expect(down.stdout).toContain('simulated host sim-b200 is down');
+    expect((await qemu.status(id)).running).toBe(false);
+    expect(await simKernelRunning(join(dataDir, 'sim', 'sim-b200'))).toBeNull();
+  }, 120_000);
 });

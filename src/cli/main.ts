@@ -7,7 +7,9 @@
 import { Command, CommanderError } from 'commander';
 import { loadConfig, type Config } from '../config.ts';
 import { migrate, openDb } from '../store/db.ts';
+import { readdirSync } from 'node:fs';
 import { join } from 'node:path';
+import { userInfo } from 'node:os';
 import { duration, table, time } from './format.ts';
 
 class CliError extends Error {}
@@ -21,7 +23,7 @@ async function call<T>(base: string, method: string, path: string, body?: unknow
   try {
     res = await fetch(base + path, {
       method,
-      headers: { ...(body === undefined ? {} : { 'content-type': 'application/json' }), 'x-gpuvm-actor': `cli:${process.env.USER ?? 'unknown'}` },
+      headers: { ...(body === undefined ? {} : { 'content-type': 'application/json' }), 'x-gpuvm-actor': `cli:${process.env.USER ?? userInfo().username}` },
       body: body === undefined ? undefined : JSON.stringify(body),
     });
   } catch {
@@ -137,6 +139,29 @@ function program(): Command {
       } finally {
         await db.close();
       }
+    });
+
+  cli
+    .command('sim-down')
+    .description('stop what the simulated host keeps running after the service stops: its VMs (QEMU) and its kernel process')
+    .option('--data-dir <dir>')
+    .option('--host-id <id>')
+    .action(async (o) => {
+      const config = loadConfig({ dataDir: o.dataDir, hostId: o.hostId });
+      const { Qemu } = await import('../host/qemu.ts');
+      const { stopSimKernel } = await import('../host/sim/sim-host.ts');
+      const runRoot = join(config.dataDir, 'run');
+      const qemu = new Qemu({ bin: 'qemu-system-x86_64', runRoot, accel: 'tcg' });
+      let vmIds: string[] = [];
+      try {
+        vmIds = readdirSync(runRoot);
+      } catch {}
+      for (const id of vmIds) {
+        const how = await qemu.terminate(id);
+        if (how !== 'not-running') print(`${id}: QEMU stopped (${how})`);
+      }
+      await stopSimKernel(join(config.dataDir, 'sim', config.hostId));
+      print(`simulated host ${config.hostId} is down`);
     });
 
   const vm = cli.command('vm').description('create, list, show and delete VMs');
