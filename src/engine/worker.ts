@@ -324,7 +324,7 @@ export class EffectWorker {
         attempt: effect.attempt,
         worker: this.workerId,
         started_at: effect.claimedAt,
-        finished_at: sql<Date>`now()` as unknown as Date,
+        finished_at: sql<Date>`now()`,
         outcome: set.status === 'done' ? 'ok' : 'error',
         error: set.error,
       })

@@ -326,7 +326,8 @@ export class SimKernel {
   }
 }
 
-function pidAlive(pid: number): boolean {
+/** True when a process with this pid exists (EPERM: it exists but is not ours). */
+export function pidAlive(pid: number): boolean {
   try {
     process.kill(pid, 0);
     return true;

@@ -15,6 +15,7 @@ import { setTimeout as sleep } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
 import { z } from 'zod';
 import { parsePciAddress } from '../pci.ts';
+import { pidAlive } from './kernel.ts';
 
 export interface SimHostOptions {
   root: string;
@@ -298,14 +299,6 @@ export async function loadSimHost(root: string): Promise<SimHostInfo> {
 }
 
 // ── the kernel process ───────────────────────────────────────────────────────
-function pidAlive(pid: number): boolean {
-  try {
-    process.kill(pid, 0);
-    return true;
-  } catch (err) {
-    return (err as NodeJS.ErrnoException).code === 'EPERM';
-  }
-}
 
 /**
  * Is `pid` this root's simulated kernel? Checked through /proc so a pid reused by some other
