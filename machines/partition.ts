@@ -11,12 +11,16 @@
  *        ──BOUND_HOST──▶ deactivating [deactivatePartition] fmpm -d ID
  *        ──DEACTIVATED──▶ confirmingInactive [confirmInactive]
  *        ──CONFIRMED_INACTIVE──▶ free [notifyVm RELEASED | FAILED]   the GPU claims are dropped
+ *                              (or quarantined after the second failed cycle in a row)
  *
  * A step that fails for good (EFFECT_FAILED) during start-up unwinds through the same release path,
  * which is safe to run from any point because every handler observes before it acts. A failure while
  * releasing leaves the partition `broken`: its GPUs stay claimed until an operator repairs the host.
  * RELEASE during start-up is remembered and honoured when the step in flight completes, so a partition
  * never has two effects in flight.
+ *
+ * Fabric Manager does not hide a partition that keeps failing: a partition whose cycles failed twice
+ * in a row ends `quarantined` instead of `free`, and is not placed on until an operator clears it.
  *
  * Pure: no I/O, no clock, no randomness. Effects are named actions with params.
  */
@@ -40,7 +44,12 @@ export interface PartitionContext {
   failure: string | null;
   /** Number of claim cycles so far; part of every effect's identity in logs. */
   cycle: number;
+  /** Cycles in a row that ended in a failure; reset by a good cycle or by an operator. */
+  consecutiveFailures: number;
 }
+
+/** Failed cycles in a row after which a partition is quarantined. */
+export const PARTITION_FAILURES_BEFORE_QUARANTINE = 2;
 
 export type PartitionEvent =
   | { type: 'REGISTER'; hostId: string; partitionId: number; gpus: PartitionGpu[] }
@@ -53,7 +62,8 @@ export type PartitionEvent =
   | { type: 'BOUND_HOST' }
   | { type: 'DEACTIVATED'; outcome: 'deactivated' | 'already-inactive' }
   | { type: 'CONFIRMED_INACTIVE' }
-  | { type: 'EFFECT_FAILED'; effect: string; error: string };
+  | { type: 'EFFECT_FAILED'; effect: string; error: string }
+  | { type: 'CLEAR_QUARANTINE'; by: string };
 
 /** Params every partition effect carries: enough for a handler to act without reading the log. */
 export interface PartitionEffectParams {
@@ -72,6 +82,16 @@ const effectParams = ({ context }: { context: PartitionContext }): PartitionEffe
   gpus: context.gpus,
 });
 
+/** The VM learns how its partition's cycle ended: released, or failed with the reason. */
+const notifyEndOfCycle = {
+  type: 'notifyVm' as const,
+  params: ({ context }: { context: PartitionContext }) => ({
+    ...effectParams({ context }),
+    notice: context.failure ? ('PARTITION_FAILED' as const) : ('PARTITION_RELEASED' as const),
+    reason: context.failure,
+  }),
+};
+
 export const partitionMachine = setup({
   types: {} as { context: PartitionContext; events: PartitionEvent },
   actions: {
@@ -85,6 +105,11 @@ export const partitionMachine = setup({
     confirmInactive: (_, _params: PartitionEffectParams) => {},
     notifyVm: (_, _params: PartitionEffectParams & { notice: VmNotice; reason: string | null }) => {},
     rememberRelease: assign({ releaseRequested: true }),
+    endCycle: assign(({ context }) => ({
+      vmId: null,
+      releaseRequested: false,
+      consecutiveFailures: context.failure ? context.consecutiveFailures + 1 : 0,
+    })),
     recordFailure: assign({
       failure: ({ event }) => (event.type === 'EFFECT_FAILED' ? `${event.effect}: ${event.error}` : null),
     }),
@@ -92,11 +117,12 @@ export const partitionMachine = setup({
   guards: {
     releaseRequested: ({ context }) => context.releaseRequested,
     claimantIsHolder: ({ context, event }) => event.type === 'RELEASE' && event.vmId === context.vmId,
+    failedTooOften: ({ context }) => context.failure !== null && context.consecutiveFailures + 1 >= PARTITION_FAILURES_BEFORE_QUARANTINE,
   },
 }).createMachine({
   id: 'partition',
   initial: 'new',
-  context: { hostId: '', partitionId: -1, gpus: [], vmId: null, releaseRequested: false, failure: null, cycle: 0 },
+  context: { hostId: '', partitionId: -1, gpus: [], vmId: null, releaseRequested: false, failure: null, cycle: 0, consecutiveFailures: 0 },
   states: {
     new: {
       on: {
@@ -189,22 +215,19 @@ export const partitionMachine = setup({
     confirmingInactive: {
       entry: { type: 'confirmInactive', params: effectParams },
       on: {
-        CONFIRMED_INACTIVE: {
-          target: 'free',
-          actions: [
-            {
-              type: 'notifyVm',
-              params: ({ context }) => ({
-                ...effectParams({ context }),
-                notice: context.failure ? ('PARTITION_FAILED' as const) : ('PARTITION_RELEASED' as const),
-                reason: context.failure,
-              }),
-            },
-            assign({ vmId: null, releaseRequested: false }),
-          ],
-        },
+        CONFIRMED_INACTIVE: [
+          { guard: 'failedTooOften', target: 'quarantined', actions: [notifyEndOfCycle, 'endCycle'] },
+          { target: 'free', actions: [notifyEndOfCycle, 'endCycle'] },
+        ],
         RELEASE: { guard: 'claimantIsHolder', actions: 'rememberRelease' },
         EFFECT_FAILED: { target: 'broken', actions: 'recordFailure' },
+      },
+    },
+
+    /** Failed too often: unclaimed, inactive, and never placed on until an operator clears it. */
+    quarantined: {
+      on: {
+        CLEAR_QUARANTINE: { target: 'free', actions: assign({ consecutiveFailures: 0, failure: null }) },
       },
     },
 
@@ -223,5 +246,5 @@ export const partitionMachine = setup({
 
 /** States in which the partition holds its GPU claims. */
 export function partitionHoldsClaim(state: string): boolean {
-  return state !== 'new' && state !== 'free';
+  return state !== 'new' && state !== 'free' && state !== 'quarantined';
 }

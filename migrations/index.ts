@@ -1,7 +1,9 @@
 /** Every migration, in order. Kysely's Migrator applies the ones a database has not seen yet. */
 import type { Migration } from 'kysely';
 import * as initial from './0001_initial.ts';
+import * as quarantine from './0002_quarantine.ts';
 
 export const migrations: Record<string, Migration> = {
   '0001_initial': initial,
+  '0002_quarantine': quarantine,
 };

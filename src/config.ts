@@ -19,6 +19,8 @@
  * | pollMs                | GPUVM_POLL_MS               | 1000                             |
  * | workerConcurrency     | GPUVM_WORKER_CONCURRENCY    | 16                               |
  * | monitorIntervalMs     | GPUVM_MONITOR_INTERVAL_MS   | 500                              |
+ * | healthIntervalMs      | GPUVM_HEALTH_INTERVAL_MS    | 10000 (Xid lines, fabric state)  |
+ * | fabricManagerCheckMs  | GPUVM_FM_CHECK_MS           | 5000 (answers a restarted FM within its 60 s window) |
  * | qemuBin               | GPUVM_QEMU                  | qemu-system-x86_64 on PATH, else the QMP stand-in |
  * | bindTimeoutMs         | GPUVM_BIND_TIMEOUT_MS       | 10000                            |
  * | toolTimeoutMs         | GPUVM_TOOL_TIMEOUT_MS       | 30000 (fmpm, nvidia-smi)         |
@@ -44,6 +46,8 @@ export interface Config {
   pollMs: number;
   workerConcurrency: number;
   monitorIntervalMs: number;
+  healthIntervalMs: number;
+  fabricManagerCheckMs: number;
   qemuBin: string | undefined;
   bindTimeoutMs: number;
   toolTimeoutMs: number;
@@ -68,6 +72,8 @@ const schema = z.object({
   pollMs: int(10, 600_000),
   workerConcurrency: int(1, 1024),
   monitorIntervalMs: int(10, 600_000),
+  healthIntervalMs: int(10, 3_600_000),
+  fabricManagerCheckMs: int(10, 50_000),
   qemuBin: z.string().min(1).optional(),
   bindTimeoutMs: int(10, 600_000),
   toolTimeoutMs: int(10, 600_000),
@@ -95,6 +101,8 @@ export function loadConfig(overrides: Partial<Record<keyof Config, unknown>> = {
     pollMs: env.GPUVM_POLL_MS ?? 1000,
     workerConcurrency: env.GPUVM_WORKER_CONCURRENCY ?? 16,
     monitorIntervalMs: env.GPUVM_MONITOR_INTERVAL_MS ?? 500,
+    healthIntervalMs: env.GPUVM_HEALTH_INTERVAL_MS ?? 10_000,
+    fabricManagerCheckMs: env.GPUVM_FM_CHECK_MS ?? 5000,
     qemuBin: env.GPUVM_QEMU || undefined,
     bindTimeoutMs: env.GPUVM_BIND_TIMEOUT_MS ?? 10_000,
     toolTimeoutMs: env.GPUVM_TOOL_TIMEOUT_MS ?? 30_000,

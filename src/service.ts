@@ -10,9 +10,12 @@ import type { EffectPolicy } from './engine/commands.ts';
 import { createHandlers } from './engine/handlers.ts';
 import { registerHost } from './engine/hosts.ts';
 import { QemuMonitor } from './engine/monitor.ts';
+import { HealthMonitor } from './engine/health.ts';
+import { FabricManagerGuard } from './engine/fabric-manager.ts';
 import { VmService } from './engine/vms.ts';
 import { EffectWorker, type RetryPolicy } from './engine/worker.ts';
 import { openSimulatedHost, type HostAdapters } from './host/host.ts';
+import { openRealHost, type HostConfig } from './host/host-config.ts';
 import { createLogger, type Logger } from './log.ts';
 import { migrate, openDb, type Db } from './store/db.ts';
 
@@ -23,6 +26,8 @@ export interface Service {
   vms: VmService;
   worker: EffectWorker;
   monitor: QemuMonitor;
+  health: HealthMonitor;
+  fabricManager: FabricManagerGuard;
   api: FastifyInstance;
   /** The API's base URL, e.g. http://127.0.0.1:7070 */
   url: string;
@@ -38,15 +43,25 @@ export function retryPolicy(config: Config): RetryPolicy {
   };
 }
 
-export async function startService(config: Config, opts: { log?: Logger; host?: HostAdapters } = {}): Promise<Service> {
+export interface StartOptions {
+  log?: Logger;
+  /** A real host from `gpuvm serve --config FILE`; without it the simulated host is used. */
+  hostConfig?: HostConfig;
+  /** Adapters built by the caller (tests). */
+  host?: HostAdapters;
+}
+
+export async function startService(config: Config, opts: StartOptions = {}): Promise<Service> {
   const log = opts.log ?? createLogger(config.logLevel);
   const db = await openDb({ databaseUrl: config.databaseUrl, pgliteDir: join(config.dataDir, 'pglite') });
   try {
     await migrate(db);
     log.info({ database: db.kind === 'postgres' ? 'postgres' : `pglite at ${join(config.dataDir, 'pglite')}` }, 'database ready');
 
+    const hostConfig = opts.hostConfig;
     const host =
       opts.host ??
+      (hostConfig ? openRealHost(hostConfig, { bindTimeoutMs: config.bindTimeoutMs, toolTimeoutMs: config.toolTimeoutMs }) : null) ??
       (await openSimulatedHost(
         { hostId: config.hostId, dataDir: config.dataDir, qemuBin: config.qemuBin, bindTimeoutMs: config.bindTimeoutMs, toolTimeoutMs: config.toolTimeoutMs },
         log,
@@ -54,13 +69,19 @@ export async function startService(config: Config, opts: { log?: Logger; host?: 
     log.info({ hostId: host.hostId, qemu: host.qemuDescription }, 'host adapters ready');
 
     const policy: EffectPolicy & RetryPolicy = retryPolicy(config);
-    await registerHost(db.kysely, host, policy, log);
+    await registerHost(db.kysely, host, policy, log, { expectedGpus: hostConfig?.expectedGpus });
 
-    const powerdownTimeoutMs = config.powerdownTimeoutMs ?? (host.simulated ? 3000 : 30_000);
-    const vms = new VmService(db.kysely, host.hostId, { memoryMiB: config.vmMemoryMiB, vcpus: config.vmVcpus, powerdownTimeoutMs }, policy);
+    // VM sizes and the powerdown timeout: the host config file, else the service options.
+    const vmDefaults = {
+      memoryMiB: hostConfig?.vm.memoryMiB ?? config.vmMemoryMiB,
+      vcpus: hostConfig?.vm.vcpus ?? config.vmVcpus,
+      powerdownTimeoutMs: hostConfig?.vm.powerdownTimeoutMs ?? config.powerdownTimeoutMs ?? (host.simulated ? 3000 : 30_000),
+    };
+    const vms = new VmService(db.kysely, host.hostId, vmDefaults, policy);
+    const fabricManager = new FabricManagerGuard(db.kysely, host, policy, { intervalMs: config.fabricManagerCheckMs, log });
     const worker = new EffectWorker(db, {
       hostId: host.hostId,
-      handlers: createHandlers(host),
+      handlers: createHandlers(host, { fabricManagerWaiting: () => fabricManager.kick() }),
       policy,
       leaseMs: config.leaseMs,
       pollMs: config.pollMs,
@@ -68,12 +89,16 @@ export async function startService(config: Config, opts: { log?: Logger; host?: 
       log,
     });
     await worker.start();
+    fabricManager.start();
     const monitor = new QemuMonitor(db.kysely, host, policy, config.monitorIntervalMs, log);
     monitor.start();
+    const health = new HealthMonitor(db.kysely, host, policy, { intervalMs: config.healthIntervalMs, kernelLog: join(host.fsRoot, 'var', 'log', 'kern.log'), log });
+    health.start();
 
     const api = await buildApi({
       vms,
       db: db.kysely,
+      policy,
       log,
       health: async () => ({
         ok: true,
@@ -95,6 +120,8 @@ export async function startService(config: Config, opts: { log?: Logger; host?: 
       vms,
       worker,
       monitor,
+      health,
+      fabricManager,
       api,
       url: address,
       log,
@@ -103,6 +130,8 @@ export async function startService(config: Config, opts: { log?: Logger; host?: 
         stopped = true;
         await api.close();
         await monitor.stop();
+        await health.stop();
+        await fabricManager.stop();
         await worker.stop();
         await db.close();
       },

@@ -71,6 +71,21 @@ describe(`gpuvm CLI (${usingPostgres ? 'postgres' : 'pglite'})`, () => {
   }, 120_000);
 
 
+  it('migrate applies the migrations once', async () => {
+    const dir = tempDir();
+    try {
+      const db = await freshDatabaseUrl();
+      const args = [BIN, 'migrate', '--data-dir', dir, ...(db.url ? ['--database-url', db.url] : [])];
+      const first = await promisify(execFile)(process.execPath, args);
+      expect(first.stdout.trim()).toBe('applied: 0001_initial, 0002_quarantine');
+      const second = await promisify(execFile)(process.execPath, args);
+      expect(second.stdout.trim()).toBe('database is up to date');
+      await db.drop();
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
+  }, 60_000);
+
   it('prints one line and exits non-zero on every error', async () => {
     const cases: [string[], RegExp][] = [
       [['vm', 'create', '--gpus', '3'], /^gpuvm: gpus must be 1, 2, 4 or 8 \(got 3\)\n$/],

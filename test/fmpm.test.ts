@@ -4,6 +4,7 @@ import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
+import { restartFabricManager } from '../src/host/sim/sim-host.ts';
 import { Fmpm, FmpmError, parsePartitionTable } from '../src/host/fmpm.ts';
 
 const FMPM_MJS = fileURLToPath(new URL('../src/host/sim/bin/fmpm.mjs', import.meta.url));
@@ -309,15 +310,30 @@ describe('Fmpm adapter', () => {
     expect(await fmpm.isActive(1)).toBe(false);
   });
 
-  it('sets the activated list', async () => {
+  it('sets the activated list while a restarted Fabric Manager waits for it, and only then', async () => {
+    expect(await fmpmError(fmpm.setActivatedList([4, 7]))).toMatchObject({ code: 'not-configured', fmReturn: -8 });
     await fmpm.activate(1);
+    await restartFabricManager(root, { timeoutMs: 60_000 });
+    // Waiting for the list: every other call is refused.
+    expect(await fmpmError(fmpm.list())).toMatchObject({ code: 'not-configured', retryable: true });
+    expect(await fmpmError(fmpm.activate(2))).toMatchObject({ code: 'not-configured' });
     await fmpm.setActivatedList([4, 7]);
     const t = await fmpm.list();
     expect(t.partitions.filter((p) => p.isActive).map((p) => p.partitionId)).toEqual([4, 7]);
+    await restartFabricManager(root, { timeoutMs: 60_000 });
     await fmpm.setActivatedList([]);
     expect((await fmpm.list()).partitions.some((p) => p.isActive)).toBe(false);
+    await restartFabricManager(root, { timeoutMs: 60_000 });
     expect(await fmpmError(fmpm.setActivatedList([4, 8]))).toMatchObject({ code: 'in-use', fmReturn: -7 }); // 4 = {1,2}, 8 = {1}
     expect(await fmpmError(fmpm.setActivatedList([8, 8]))).toMatchObject({ code: 'bad-param', partitionId: 8 });
+    await fmpm.setActivatedList([]);
+  });
+
+  it('exits when its window passes unanswered', async () => {
+    await restartFabricManager(root, { timeoutMs: 100 });
+    await new Promise((r) => setTimeout(r, 200));
+    expect(await fmpmError(fmpm.list())).toMatchObject({ code: 'cannot-connect' });
+    expect(await fmpmError(fmpm.setActivatedList([]))).toMatchObject({ code: 'cannot-connect' });
   });
 
   it('passes --hostname and the comma list exactly', async () => {

@@ -102,3 +102,37 @@ describe('vm machine', () => {
     expect(d.kind === 'rejected' && d.reason).toContain('provisioning');
   });
 });
+
+describe('partition quarantine', () => {
+  const failCycle: MachineEvent[] = [
+    { type: 'CLAIM', vmId: 'vm-1' }, { type: 'GPUS_READY' }, { type: 'EFFECT_FAILED', effect: 'activatePartition', error: 'x' },
+    { type: 'BOUND_HOST' }, { type: 'DEACTIVATED', outcome: 'already-inactive' }, { type: 'CONFIRMED_INACTIVE' },
+  ];
+  const goodCycle: MachineEvent[] = [
+    { type: 'CLAIM', vmId: 'vm-2' }, { type: 'GPUS_READY' }, { type: 'ACTIVATED', outcome: 'activated' }, { type: 'CONFIRMED_ACTIVE' }, { type: 'BOUND_VFIO' },
+    { type: 'RELEASE', vmId: 'vm-2' }, { type: 'BOUND_HOST' }, { type: 'DEACTIVATED', outcome: 'deactivated' }, { type: 'CONFIRMED_INACTIVE' },
+  ];
+
+  it('quarantines after two failed cycles in a row, not after failures separated by a good cycle', () => {
+    expect(run('partition:h:4', [register, ...failCycle]).snap.state).toBe('free');
+    const twice = run('partition:h:4', [register, ...failCycle, ...failCycle]);
+    expect(twice.snap.state).toBe('quarantined');
+    expect(decide('partition:h:4', twice.snap, { type: 'CLAIM', vmId: 'vm-9' }).kind).toBe('rejected');
+    expect(run('partition:h:4', [register, ...failCycle, ...goodCycle, ...failCycle]).snap.state).toBe('free');
+    const cleared = run('partition:h:4', [register, ...failCycle, ...failCycle, { type: 'CLEAR_QUARANTINE', by: 'op' }]);
+    expect(cleared.snap.state).toBe('free');
+    expect(cleared.snap.context.consecutiveFailures).toBe(0);
+  });
+});
+
+describe('host machine', () => {
+  const reg: MachineEvent = { type: 'REGISTER', hostId: 'h', simulated: true, inventory: { board: 'B200', gpus: [], partitions: [] } };
+  const bad: MachineEvent = { type: 'GPU_UNHEALTHY', moduleId: 3, pciAddress: '0000:17:00.0', source: 'xid', reason: 'Xid 79' };
+  it('quarantines a module once and clears it', () => {
+    const r = run('host:h', [reg, bad]);
+    expect(r.snap.context.quarantinedModules).toEqual({ '3': { reason: 'Xid 79', source: 'xid' } });
+    expect(decide('host:h', r.snap, bad).kind).toBe('rejected');
+    expect(run('host:h', [reg, bad, { type: 'CLEAR_QUARANTINE', moduleId: 3, by: 'op' }]).snap.context.quarantinedModules).toEqual({});
+    expect(decide('host:h', run('host:h', [reg]).snap, { type: 'CLEAR_QUARANTINE', moduleId: null, by: 'op' }).kind).toBe('rejected');
+  });
+});

@@ -9,6 +9,8 @@
  *   DELETE /v1/vms/:id              → 202 the VM (stopping / releasing / deleted)
  *   GET    /v1/vms/:id/history      every event of the VM and its partition, with effect tries
  *   GET    /v1/partitions           the host's partitions and who holds them
+ *   GET    /v1/hosts                hosts with their GPUs and what is quarantined
+ *   POST   /v1/hosts/:id/clear-quarantine  { moduleId } | { partitionId } | { all: true }
  *
  * Errors are `{ "error": { "code", "message" } }` with 400/404/409; nothing is written on error.
  */
@@ -21,10 +23,13 @@ import type { VmService } from '../engine/vms.ts';
 import { VM_ID_PATTERN, VM_NAME_PATTERN } from '../engine/vms.ts';
 import type { Kysely } from 'kysely';
 import type { Database } from '../store/schema.ts';
+import type { EffectPolicy } from '../engine/commands.ts';
+import { clearQuarantine, listHosts } from '../engine/hosts.ts';
 
 export interface ApiDeps {
   vms: VmService;
   db: Kysely<Database>;
+  policy: EffectPolicy;
   log: Logger;
   health: () => Promise<Record<string, unknown>>;
 }
@@ -37,6 +42,16 @@ const createVmBody = z
       .max(63, 'name is longer than 63 characters')
       .regex(VM_NAME_PATTERN, "name may hold only letters, digits, '.', '_' and '-', and starts with a letter or digit")
       .optional(),
+  })
+  .strict();
+
+const HOST_ID_PATTERN = /^[a-z0-9][a-z0-9-]{0,62}$/;
+
+const clearQuarantineBody = z
+  .object({
+    moduleId: z.number().int().min(1).max(8).optional(),
+    partitionId: z.number().int().min(0).max(999).optional(),
+    all: z.literal(true).optional(),
   })
   .strict();
 
@@ -99,6 +114,17 @@ export async function buildApi(deps: ApiDeps): Promise<FastifyInstance> {
   app.get('/v1/partitions', async () => ({
     partitions: await deps.db.selectFrom('partitions').selectAll().orderBy('host_id').orderBy('partition_id').execute(),
   }));
+
+  app.get('/v1/hosts', async () => ({ hosts: await listHosts(deps.db) }));
+
+  app.post('/v1/hosts/:id/clear-quarantine', async (req) => {
+    const body = parseBody(clearQuarantineBody, req.body);
+    const hostId = (req.params as { id: string }).id;
+    if (!HOST_ID_PATTERN.test(hostId)) throw badRequest(`invalid host id ${JSON.stringify(hostId.slice(0, 80))}`);
+    const given = [body.moduleId !== undefined, body.partitionId !== undefined, body.all === true].filter(Boolean).length;
+    if (given !== 1) throw badRequest('give exactly one of moduleId, partitionId or all: true');
+    return clearQuarantine(deps.db, hostId, body, actor(req), deps.policy);
+  });
 
   return app;
 }

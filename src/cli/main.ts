@@ -11,6 +11,7 @@ import { readdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { userInfo } from 'node:os';
 import { duration, table, time } from './format.ts';
+import { registerDoctor } from './doctor.ts';
 
 class CliError extends Error {}
 
@@ -54,8 +55,8 @@ interface VmJson {
   updated_at: string;
 }
 
-const print = (s: string) => process.stdout.write(s + '\n');
-const json = (v: unknown) => print(JSON.stringify(v, null, 2));
+const print = (s: string): void => void process.stdout.write(s + '\n');
+const json = (v: unknown): void => print(JSON.stringify(v, null, 2));
 
 function vmTable(vms: VmJson[]): string {
   return table(
@@ -111,10 +112,13 @@ function program(): Command {
     .option('--data-dir <dir>', 'where the embedded database and the simulated host live (default ./.gpuvm)')
     .option('--database-url <url>', 'use this Postgres instead of the embedded database')
     .option('--host-id <id>', 'this host (default sim-b200)')
+    .option('--config <file>', 'drive a real host described by this file (see docs/real-host.md); default: the simulated host')
     .action(async (o) => {
-      const config = loadConfig({ port: o.port, listenHost: o.listen, dataDir: o.dataDir, databaseUrl: o.databaseUrl, hostId: o.hostId });
+      const { loadHostConfig } = await import('../host/host-config.ts');
+      const hostConfig = o.config ? await loadHostConfig(o.config) : undefined;
+      const config = loadConfig({ port: o.port, listenHost: o.listen, dataDir: o.dataDir, databaseUrl: o.databaseUrl, hostId: hostConfig?.hostId ?? o.hostId });
       const { startService } = await import('../service.ts');
-      const service = await startService(config);
+      const service = await startService(config, { hostConfig });
       const shutdown = async (signal: string) => {
         service.log.info({ signal }, 'stopping');
         await service.stop();
@@ -163,6 +167,8 @@ function program(): Command {
       await stopSimKernel(join(config.dataDir, 'sim', config.hostId));
       print(`simulated host ${config.hostId} is down`);
     });
+
+  registerDoctor(cli);
 
   const vm = cli.command('vm').description('create, list, show and delete VMs');
 
@@ -218,6 +224,45 @@ function program(): Command {
       if (o.wait) v = await waitFor(base, v.id, ['deleted', 'failed'], Number(o.timeout) * 1000);
       if (o.json) json(v);
       else print(`${v.id} ${v.state}`);
+    });
+
+  const host = cli.command('host').description('hosts: their GPUs and what is quarantined');
+
+  host
+    .command('ls')
+    .description('list hosts with their GPUs (module → PCI address) and quarantined GPUs and partitions')
+    .option('--json', 'print JSON')
+    .action(async (o) => {
+      const { hosts } = await call<{ hosts: any[] }>(serviceUrl(cli.opts()), 'GET', '/v1/hosts');
+      if (o.json) return json(hosts);
+      for (const h of hosts) {
+        print(`${h.id}  ${h.board}${h.simulated ? ' (simulated)' : ''}  registered ${time(h.registeredAt)}`);
+        print(
+          table(
+            ['MODULE', 'PCI ADDRESS', 'HEALTH'],
+            h.gpus.map((g: any) => {
+              const q = h.quarantinedModules[String(g.moduleId)];
+              return [g.moduleId, g.pciAddress, q ? `quarantined (${q.source}): ${q.reason}` : 'ok'];
+            }),
+          ),
+        );
+        for (const p of h.quarantinedPartitions) print(`partition ${p.partitionId} quarantined: ${p.failure ?? 'failed twice'}`);
+      }
+    });
+
+  host
+    .command('clear-quarantine')
+    .argument('<host>', 'host id')
+    .description('return a quarantined GPU module or partition to service (after the operator fixed it)')
+    .option('--module <id>', 'a GPU module id (1-8)')
+    .option('--partition <id>', 'a partition id')
+    .option('--all', 'everything quarantined on the host')
+    .option('--json', 'print JSON')
+    .action(async (hostId, o) => {
+      const body = o.all ? { all: true } : o.module !== undefined ? { moduleId: Number(o.module) } : o.partition !== undefined ? { partitionId: Number(o.partition) } : {};
+      const cleared = await call<{ modules: number[]; partitions: number[] }>(serviceUrl(cli.opts()), 'POST', `/v1/hosts/${encodeURIComponent(hostId)}/clear-quarantine`, body);
+      if (o.json) return json(cleared);
+      print(`cleared on ${hostId}: modules [${cleared.modules.join(', ')}], partitions [${cleared.partitions.join(', ')}]`);
     });
 
   cli

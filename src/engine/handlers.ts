@@ -6,6 +6,7 @@
 import { partitionStream, vmStream, type PartitionEffectParams, type StartQemuParams, type VmEffectParams, type VmNotice } from '../../machines/index.ts';
 import type { HostAdapters } from '../host/host.ts';
 import type { MachineEvent } from './decide.ts';
+import { isWaitingForActivatedList } from './fabric-manager.ts';
 import type { EffectHandlers, EffectOutcome } from './worker.ts';
 
 /** A step that must wait for the host to catch up; retried with backoff. */
@@ -25,7 +26,22 @@ const toPartition = (p: PartitionEffectParams, event: MachineEvent): EffectOutco
   deliver: { streamId: partitionStream(p.hostId, p.partitionId), event },
 });
 
-export function createHandlers(host: HostAdapters): EffectHandlers {
+export interface HandlerHooks {
+  /** Fabric Manager refused a call the way a restarted one waiting for its activated list does. */
+  fabricManagerWaiting?: () => void;
+}
+
+export function createHandlers(host: HostAdapters, hooks: HandlerHooks = {}): EffectHandlers {
+  /** Runs an fmpm call; a refusal from a restarted Fabric Manager wakes the guard before the retry. */
+  async function fm<T>(call: () => Promise<T>): Promise<T> {
+    try {
+      return await call();
+    } catch (err) {
+      if (isWaitingForActivatedList(err)) hooks.fabricManagerWaiting?.();
+      throw err;
+    }
+  }
+
   /** Invariant: never touch a partition's GPUs or its activation while the VM's QEMU lives. */
   async function assertQemuGone(p: PartitionEffectParams, step: string): Promise<void> {
     const status = await host.qemu.status(p.vmId);
@@ -54,13 +70,13 @@ export function createHandlers(host: HostAdapters): EffectHandlers {
     },
 
     async activatePartition(p: PartitionEffectParams) {
-      if (await host.fmpm.isActive(p.partitionId)) return toPartition(p, { type: 'ACTIVATED', outcome: 'already-active' });
-      const outcome = await host.fmpm.activate(p.partitionId);
+      if (await fm(() => host.fmpm.isActive(p.partitionId))) return toPartition(p, { type: 'ACTIVATED', outcome: 'already-active' });
+      const outcome = await fm(() => host.fmpm.activate(p.partitionId));
       return toPartition(p, { type: 'ACTIVATED', outcome });
     },
 
     async confirmActive(p: PartitionEffectParams) {
-      if (!(await host.fmpm.isActive(p.partitionId))) throw new NotYetError(`fmpm -l does not show partition ${p.partitionId} active yet`);
+      if (!(await fm(() => host.fmpm.isActive(p.partitionId)))) throw new NotYetError(`fmpm -l does not show partition ${p.partitionId} active yet`);
       return toPartition(p, { type: 'CONFIRMED_ACTIVE' });
     },
 
@@ -80,13 +96,13 @@ export function createHandlers(host: HostAdapters): EffectHandlers {
 
     async deactivatePartition(p: PartitionEffectParams) {
       await assertQemuGone(p, 'deactivation');
-      if (!(await host.fmpm.isActive(p.partitionId))) return toPartition(p, { type: 'DEACTIVATED', outcome: 'already-inactive' });
-      const outcome = await host.fmpm.deactivate(p.partitionId);
+      if (!(await fm(() => host.fmpm.isActive(p.partitionId)))) return toPartition(p, { type: 'DEACTIVATED', outcome: 'already-inactive' });
+      const outcome = await fm(() => host.fmpm.deactivate(p.partitionId));
       return toPartition(p, { type: 'DEACTIVATED', outcome });
     },
 
     async confirmInactive(p: PartitionEffectParams) {
-      if (await host.fmpm.isActive(p.partitionId)) throw new NotYetError(`fmpm -l still shows partition ${p.partitionId} active`);
+      if (await fm(() => host.fmpm.isActive(p.partitionId))) throw new NotYetError(`fmpm -l still shows partition ${p.partitionId} active`);
       return toPartition(p, { type: 'CONFIRMED_INACTIVE' });
     },
 
@@ -107,6 +123,9 @@ export function createHandlers(host: HostAdapters): EffectHandlers {
         vcpus: p.vcpus,
         gpus: p.gpus.map((g) => g.pciAddress),
         gpuDevice: host.gpuDevice,
+        hugepagesPath: host.vmDefaults.hugepagesPath,
+        diskImage: host.vmDefaults.diskImage,
+        firmware: host.vmDefaults.firmware,
       });
       return {
         ...toVm(p, { type: 'QEMU_STARTED', pid: started.pid }),

@@ -9,6 +9,7 @@ import { hostStream, partitionStream, type HostContext } from '../../machines/in
 import { takeInventory, type HostAdapters } from '../host/host.ts';
 import type { Logger } from '../log.ts';
 import type { Database } from '../store/schema.ts';
+import { conflict, notFound } from '../errors.ts';
 import { applyEvent, inTransaction, loadSnapshot, type EffectPolicy } from './commands.ts';
 
 export async function registerHost(
@@ -16,11 +17,12 @@ export async function registerHost(
   host: HostAdapters,
   policy: EffectPolicy,
   log: Logger,
+  opts: { expectedGpus?: { moduleId: number; pciAddress: string }[] } = {},
 ): Promise<{ registered: boolean; context: HostContext }> {
   const existing = await loadSnapshot(db, hostStream(host.hostId));
   if (existing.snapshot) return { registered: false, context: existing.snapshot.context as unknown as HostContext };
 
-  const inventory = await takeInventory(host);
+  const inventory = await takeInventory(host, opts);
   const pci = new Map(inventory.gpus.map((g) => [g.moduleId, g.pciAddress]));
   const meta = { actor: 'gpuvm:register', correlationId: hostStream(host.hostId), causationId: null };
   const context = await inTransaction(db, async (tx) => {
@@ -39,4 +41,62 @@ export async function registerHost(
   });
   log.info({ hostId: host.hostId, board: inventory.board, gpus: inventory.gpus.length, partitions: inventory.partitions.length }, 'host registered');
   return { registered: true, context };
+}
+
+export interface HostSummary {
+  id: string;
+  board: string;
+  simulated: boolean;
+  registeredAt: Date;
+  gpus: { moduleId: number; pciAddress: string }[];
+  quarantinedModules: Record<string, { reason: string; source: string }>;
+  quarantinedPartitions: { partitionId: number; failure: string | null }[];
+}
+
+export async function listHosts(db: Kysely<Database>): Promise<HostSummary[]> {
+  const hosts = await db.selectFrom('hosts').selectAll().orderBy('id').execute();
+  const quarantined = await db.selectFrom('partitions').select(['host_id', 'partition_id', 'failure']).where('state', '=', 'quarantined').execute();
+  return hosts.map((h) => ({
+    id: h.id,
+    board: h.board,
+    simulated: h.simulated,
+    registeredAt: new Date(h.registered_at),
+    gpus: ((h.inventory as { gpus?: { moduleId: number; pciAddress: string }[] }).gpus ?? []).map((g) => ({ moduleId: g.moduleId, pciAddress: g.pciAddress })),
+    quarantinedModules: h.quarantined_modules,
+    quarantinedPartitions: quarantined.filter((p) => p.host_id === h.id).map((p) => ({ partitionId: p.partition_id, failure: p.failure })),
+  }));
+}
+
+/**
+ * An operator returns quarantined GPUs or partitions to service: one module, one partition, or
+ * everything on the host. Returns what was cleared; clearing nothing is an error that says so.
+ */
+export async function clearQuarantine(
+  db: Kysely<Database>,
+  hostId: string,
+  what: { moduleId?: number; partitionId?: number; all?: boolean },
+  actor: string,
+  policy: EffectPolicy,
+): Promise<{ modules: number[]; partitions: number[] }> {
+  return inTransaction(db, async (tx) => {
+    const { snapshot } = await loadSnapshot(tx, hostStream(hostId));
+    if (!snapshot) throw notFound(`no host ${hostId}`);
+    const meta = { actor, correlationId: hostStream(hostId), causationId: null };
+    const quarantinedModules = Object.keys((snapshot.context as unknown as HostContext).quarantinedModules).map(Number);
+    const modules = what.all ? quarantinedModules : what.moduleId !== undefined ? quarantinedModules.filter((m) => m === what.moduleId) : [];
+    if (modules.length > 0) {
+      await applyEvent(tx, hostStream(hostId), { type: 'CLEAR_QUARANTINE', moduleId: what.all ? null : what.moduleId!, by: actor }, meta, policy);
+    }
+    let q = tx.selectFrom('partitions').select('partition_id').where('host_id', '=', hostId).where('state', '=', 'quarantined');
+    if (!what.all) q = q.where('partition_id', '=', what.partitionId ?? -1);
+    const partitions = (await q.execute()).map((p) => p.partition_id);
+    for (const id of partitions) {
+      await applyEvent(tx, partitionStream(hostId, id), { type: 'CLEAR_QUARANTINE', by: actor }, meta, policy);
+    }
+    if (modules.length === 0 && partitions.length === 0) {
+      const target = what.all ? 'nothing' : what.moduleId !== undefined ? `module ${what.moduleId}` : `partition ${what.partitionId}`;
+      throw conflict('not-quarantined', `${target} on host ${hostId} is not quarantined`);
+    }
+    return { modules, partitions };
+  });
 }

@@ -68,17 +68,21 @@ export class VmService {
             .execute();
           if (partitions.length === 0) throw notFound(`host ${this.hostId} is not registered`);
           const claims = await tx.selectFrom('gpu_claims').select('module_id').where('host_id', '=', this.hostId).execute();
+          const host = await tx.selectFrom('hosts').select('quarantined_modules').where('id', '=', this.hostId).executeTakeFirst();
           const claimed = new Set(claims.map((c) => c.module_id));
+          const quarantined = new Set(Object.keys(host?.quarantined_modules ?? {}).map(Number));
+          // A quarantined GPU is as unavailable as a claimed one; a quarantined partition is not 'free'.
+          const unavailable = new Set([...claimed, ...quarantined]);
           const chosen = choosePartition(
             partitions.map((p) => ({ partitionId: p.partition_id, modules: p.modules, state: p.state })),
-            claimed,
+            unavailable,
             req.gpus,
           );
           if (!chosen) {
-            const free = 8 - claimed.size;
+            const held = quarantined.size ? `, ${quarantined.size} quarantined` : '';
             throw conflict(
               'no-capacity',
-              `no capacity: no free partition of ${req.gpus} GPU(s) on host ${this.hostId} (${free} of 8 modules unclaimed)`,
+              `no capacity: no free partition of ${req.gpus} GPU(s) on host ${this.hostId} (${8 - claimed.size} of 8 modules unclaimed${held})`,
             );
           }
           const pStream = partitionStream(this.hostId, chosen.partitionId);

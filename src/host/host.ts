@@ -27,6 +27,12 @@ export interface HostAdapters {
   hostDriver: string;
   /** What the start-up log says about the QEMU in use. */
   qemuDescription: string;
+  /** Where the host's /proc, /etc, /usr and /var are read from: '/' on a real host, the sim folder otherwise. */
+  fsRoot: string;
+  /** `nv-fabricmanager`, asked for its version by `gpuvm doctor`. */
+  fabricManagerBin: string;
+  /** Host-wide QEMU settings every VM gets (hugepages, disk image, firmware). */
+  vmDefaults: { hugepagesPath?: string; diskImage?: string; firmware?: string; imageDriverVersion?: string };
 }
 
 export interface SimulatedHostOptions {
@@ -64,40 +70,127 @@ export async function openSimulatedHost(opts: SimulatedHostOptions, log: Logger)
     gpuDevice: 'stand-in',
     hostDriver: 'nvidia',
     qemuDescription,
+    fsRoot: root,
+    fabricManagerBin: join(root, 'bin', 'nv-fabricmanager'),
+    vmDefaults: { imageDriverVersion: sim.driverVersion },
   };
 }
 
+export type InventoryErrorCode =
+  /** nvidia-smi: a GPU without a Module Id, or two GPUs with one. */
+  | 'bad-module-map'
+  /** nvidia-smi's mapping differs from the configured `expectedGpus`. */
+  | 'unexpected-mapping'
+  /** `fmpm -l`: no partitions, a partition of a size gpuvm cannot place, or one naming an unknown module. */
+  | 'bad-partition-table'
+  /** sysfs: a GPU's IOMMU group or BARs cannot be read. */
+  | 'sysfs';
+
 export class InventoryError extends Error {
   override name = 'InventoryError';
+  constructor(
+    readonly code: InventoryErrorCode,
+    message: string,
+    options?: { cause?: unknown },
+  ) {
+    super(message, options);
+  }
 }
+
+/** One GPU as registration records it. BAR sizes are decimal strings: bigint does not go into JSON. */
+export type InventoryGpu = {
+  moduleId: number;
+  pciAddress: string;
+  iommuGroup: number;
+  bars: { index: number; sizeBytes: string }[];
+};
+
+export type TakenInventory = Omit<HostInventory, 'gpus'> & { gpus: InventoryGpu[] };
+
+export interface InventoryOptions {
+  /** The module → PCI mapping the operator expects (host config `expectedGpus`): any difference is refused. */
+  expectedGpus?: readonly { moduleId: number; pciAddress: string }[];
+}
+
+/** VM sizes gpuvm places (1, 2, 4 or 8 GPUs); a partition of another size could never be used. */
+const PLACEABLE_SIZES = new Set([1, 2, 4, 8]);
+/** `resource` lines 0–5 are the BARs; line 6 is the expansion ROM. */
+const LAST_BAR_INDEX = 5;
+
+const numeric = (a: number, b: number) => a - b;
 
 /**
  * Takes the host's inventory while its GPUs rest on the host driver: module → PCI address from
- * nvidia-smi, the partition table from `fmpm -l` (never a built-in table: boards differ).
- * Refuses an inconsistent host with a message that names the problem.
+ * nvidia-smi, the partition table from `fmpm -l` (never a built-in table: boards differ), and per
+ * GPU its IOMMU group and BAR sizes from sysfs. Refuses an inconsistent host with a message that
+ * names the problem.
  */
-export async function takeInventory(host: HostAdapters): Promise<HostInventory> {
+export async function takeInventory(host: HostAdapters, opts: InventoryOptions = {}): Promise<TakenInventory> {
   const report = await host.nvidiaSmi.query();
   const table = await host.fmpm.list();
   const byModule = new Map<number, string>();
   for (const gpu of report.gpus) {
-    if (gpu.moduleId === null) throw new InventoryError(`GPU ${gpu.pciAddress} reports no Module Id; is it bound to ${host.hostDriver}?`);
+    if (gpu.moduleId === null) {
+      throw new InventoryError('bad-module-map', `GPU ${gpu.pciAddress} reports no Module Id; is it bound to ${host.hostDriver}?`);
+    }
     const seen = byModule.get(gpu.moduleId);
-    if (seen) throw new InventoryError(`two GPUs report Module Id ${gpu.moduleId}: ${seen} and ${gpu.pciAddress}`);
+    if (seen) throw new InventoryError('bad-module-map', `two GPUs report Module Id ${gpu.moduleId}: ${seen} and ${gpu.pciAddress}`);
     byModule.set(gpu.moduleId, gpu.pciAddress);
   }
+  const seenModules = () => [...byModule.keys()].sort(numeric).join(', ') || 'none';
+
+  if (opts.expectedGpus) {
+    // Every difference at once: an operator fixing a swapped cable or a wrong config wants the whole picture.
+    const differences: string[] = [];
+    const expected = new Map(opts.expectedGpus.map((g) => [g.moduleId, g.pciAddress]));
+    for (const [moduleId, want] of [...expected].sort((a, b) => a[0] - b[0])) {
+      const got = byModule.get(moduleId);
+      if (got === undefined) differences.push(`module ${moduleId} expected at ${want}, but no GPU on ${host.hostDriver} reports Module Id ${moduleId}`);
+      else if (got !== want) differences.push(`module ${moduleId} expected at ${want}, but nvidia-smi reports it at ${got}`);
+    }
+    for (const [moduleId, got] of [...byModule].sort((a, b) => a[0] - b[0])) {
+      if (!expected.has(moduleId)) differences.push(`nvidia-smi reports module ${moduleId} at ${got}, which expectedGpus does not list`);
+    }
+    if (differences.length > 0) {
+      throw new InventoryError('unexpected-mapping', `host ${host.hostId}: the GPUs differ from expectedGpus: ${differences.join('; ')}`);
+    }
+  }
+
+  if (table.partitions.length === 0) {
+    throw new InventoryError('bad-partition-table', `fmpm -l lists no partitions on host ${host.hostId}: is Fabric Manager running in Shared NVSwitch mode (FABRIC_MODE=1)?`);
+  }
   for (const p of table.partitions) {
-    for (const g of p.gpus) {
-      if (!byModule.has(g.physicalId)) {
+    const modules = p.gpus.map((g) => g.physicalId);
+    if (!PLACEABLE_SIZES.has(modules.length)) {
+      throw new InventoryError('bad-partition-table', `partition ${p.partitionId} has ${modules.length} GPU(s) (modules ${modules.join(', ') || 'none'}); gpuvm places only 1, 2, 4 or 8`);
+    }
+    const repeated = modules.find((m, i) => modules.indexOf(m) !== i);
+    if (repeated !== undefined) throw new InventoryError('bad-partition-table', `partition ${p.partitionId} names module ${repeated} twice`);
+    for (const m of modules) {
+      if (!byModule.has(m)) {
         throw new InventoryError(
-          `partition ${p.partitionId} names module ${g.physicalId}, but no GPU on ${host.hostDriver} reports that Module Id (nvidia-smi saw ${[...byModule.keys()].sort().join(', ') || 'none'})`,
+          'bad-partition-table',
+          `partition ${p.partitionId} names module ${m}, but no GPU on ${host.hostDriver} reports that Module Id (nvidia-smi saw ${seenModules()})`,
         );
       }
     }
   }
+
+  const gpus: InventoryGpu[] = [];
+  for (const [moduleId, pciAddress] of [...byModule].sort((a, b) => a[0] - b[0])) {
+    try {
+      const { group } = await host.sysfs.iommuGroup(pciAddress);
+      const bars = (await host.sysfs.barRegions(pciAddress))
+        .filter((r) => r.index <= LAST_BAR_INDEX)
+        .map((r) => ({ index: r.index, sizeBytes: r.sizeBytes.toString() }));
+      gpus.push({ moduleId, pciAddress, iommuGroup: group, bars });
+    } catch (err) {
+      throw new InventoryError('sysfs', `module ${moduleId} (GPU ${pciAddress}): ${(err as Error).message}`, { cause: err });
+    }
+  }
   return {
     board: report.gpus[0]?.productName ?? 'unknown',
-    gpus: [...byModule.entries()].sort((a, b) => a[0] - b[0]).map(([moduleId, pciAddress]) => ({ moduleId, pciAddress })),
-    partitions: table.partitions.map((p) => ({ id: p.partitionId, modules: p.gpus.map((g) => g.physicalId).sort((a, b) => a - b) })),
+    gpus,
+    partitions: table.partitions.map((p) => ({ id: p.partitionId, modules: p.gpus.map((g) => g.physicalId).sort(numeric) })),
   };
 }

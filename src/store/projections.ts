@@ -57,6 +57,7 @@ export interface HostRow {
   board: string;
   inventory: Record<string, unknown>;
   registered_at: Date;
+  quarantined_modules: Record<string, { reason: string; source: string }>;
 }
 
 export function vmRow(s: StreamSnapshot): VmRow {
@@ -104,6 +105,7 @@ export function hostRow(s: StreamSnapshot): HostRow {
     board: c.inventory?.board ?? 'unknown',
     inventory: (c.inventory ?? {}) as unknown as Record<string, unknown>,
     registered_at: s.createdAt,
+    quarantined_modules: c.quarantinedModules,
   };
 }
 
@@ -168,7 +170,7 @@ export async function writeProjections(db: Executor, next: StreamSnapshot, previ
     }
     case 'host': {
       const h = hostRow(next);
-      const values: Insertable<HostsTable> = { ...h, inventory: JSON.stringify(h.inventory) };
+      const values: Insertable<HostsTable> = { ...h, inventory: JSON.stringify(h.inventory), quarantined_modules: JSON.stringify(h.quarantined_modules) };
       await db
         .insertInto('hosts')
         .values(values)

@@ -70,6 +70,7 @@ export interface HostsTable {
   board: string;
   inventory: Json<Record<string, unknown>>;
   registered_at: Timestamp;
+  quarantined_modules: Json<Record<string, { reason: string; source: string }>>;
 }
 
 export interface VmsTable {

@@ -31,6 +31,9 @@ export function testConfig(dataDir: string, databaseUrl: string | undefined, ove
       backoffMaxMs: 200,
       pollMs: 200,
       monitorIntervalMs: 100,
+      // Tests call service.health.check() themselves, so a pass never races an assertion.
+      healthIntervalMs: 3_600_000,
+      fabricManagerCheckMs: 50_000,
       bindTimeoutMs: 3000,
       toolTimeoutMs: 10_000,
       vmMemoryMiB: 64,

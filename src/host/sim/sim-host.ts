@@ -2,8 +2,8 @@
  * Builds a simulated HGX B200 host in a folder and starts/stops its simulated kernel.
  *
  * The folder holds what a real host would show gpuvm: a sysfs tree (devices, drivers, IOMMU
- * groups, `driver` symlinks), `dev/vfio`, and `bin/fmpm` / `bin/nvidia-smi` wrappers around the
- * simulators. `host.json` describes the board once; everything else reads it and never writes it.
+ * groups, `driver` symlinks), `dev/vfio`, `bin/fmpm` / `bin/nvidia-smi` / `bin/nv-fabricmanager`
+ * wrappers around the simulators, and the host files `gpuvm doctor` reads (host-files.ts). `host.json` describes the board once; everything else reads it and never writes it.
  * Module ids are a seeded shuffle of 1..8 against PCI order, as on real boards.
  */
 import { spawn } from 'node:child_process';
@@ -14,7 +14,8 @@ import path from 'node:path';
 import { setTimeout as sleep } from 'node:timers/promises';
 import { fileURLToPath } from 'node:url';
 import { z } from 'zod';
-import { parsePciAddress } from '../pci.ts';
+import { isPciAddress, parsePciAddress } from '../pci.ts';
+import { layOutHostFiles } from './host-files.ts';
 import { pidAlive } from './kernel.ts';
 
 export interface SimHostOptions {
@@ -30,6 +31,8 @@ export interface SimHostInfo {
   fmpmBin: string;
   nvidiaSmiBin: string;
   sysfsRoot: string;
+  /** The host driver and Fabric Manager version the simulated host reports. */
+  driverVersion: string;
   gpus: { pciAddress: string; moduleId: number; iommuGroup: number }[];
   partitions: { id: number; modules: number[] }[];
 }
@@ -77,13 +80,15 @@ const SIM_DIR = path.dirname(fileURLToPath(import.meta.url));
 const KERNEL_SCRIPT = path.join(SIM_DIR, 'kernel.ts');
 const FMPM_SCRIPT = path.join(SIM_DIR, 'bin', 'fmpm.mjs');
 const NVIDIA_SMI_SCRIPT = path.join(SIM_DIR, 'bin', 'nvidia-smi.mjs');
+const NV_FABRICMANAGER_SCRIPT = path.join(SIM_DIR, 'bin', 'nv-fabricmanager.mjs');
 
 const hostJsonSchema = z.object({
   hostId: z.string().min(1),
+  driverVersion: z.string().regex(/^\d+\.\d+(\.\d+)?$/),
   gpus: z
     .array(
       z.object({
-        pciAddress: z.string().refine((v) => /^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$/.test(v), 'not a PCI address'),
+        pciAddress: z.string().refine(isPciAddress, 'not a PCI address'),
         moduleId: z.number().int().positive(),
         iommuGroup: z.number().int().nonnegative(),
       }),
@@ -211,7 +216,7 @@ async function buildSysfs(root: string, devices: DeviceSpec[]): Promise<void> {
 async function writeWrappers(root: string): Promise<void> {
   const bin = path.join(root, 'bin');
   await mkdir(bin, { recursive: true });
-  for (const [name, script] of [['fmpm', FMPM_SCRIPT], ['nvidia-smi', NVIDIA_SMI_SCRIPT]] as const) {
+  for (const [name, script] of [['fmpm', FMPM_SCRIPT], ['nvidia-smi', NVIDIA_SMI_SCRIPT], ['nv-fabricmanager', NV_FABRICMANAGER_SCRIPT]] as const) {
     const file = path.join(bin, name);
     const text = wrapper(root, script);
     const current = await readFile(file, 'utf8').catch(() => null);
@@ -227,7 +232,10 @@ export async function createSimHost(opts: SimHostOptions): Promise<SimHostInfo> 
   await mkdir(root, { recursive: true });
   if (await exists(hostFile)) {
     await writeWrappers(root);
-    return loadSimHost(root);
+    const existing = await loadSimHost(root);
+    // Hosts built before doctor's files existed get them; present files (and faults) stay.
+    await layOutHostFiles(root, existing);
+    return existing;
   }
   const hostId = opts.hostId ?? DEFAULT_HOST_ID;
   const random = mulberry32(opts.seed ?? DEFAULT_SEED);
@@ -268,6 +276,7 @@ export async function createSimHost(opts: SimHostOptions): Promise<SimHostInfo> 
     gpus,
     partitions: B200_PARTITIONS,
   };
+  await layOutHostFiles(root, { hostId, driverVersion: host.driverVersion });
   // Written last: its presence means the host is complete.
   await writeAtomic(hostFile, `${JSON.stringify(host, null, 2)}\n`);
   return loadSimHost(root);
@@ -293,6 +302,7 @@ export async function loadSimHost(root: string): Promise<SimHostInfo> {
     fmpmBin: path.join(abs, 'bin', 'fmpm'),
     nvidiaSmiBin: path.join(abs, 'bin', 'nvidia-smi'),
     sysfsRoot: abs,
+    driverVersion: host.driverVersion,
     gpus: host.gpus.map((g) => ({ pciAddress: g.pciAddress, moduleId: g.moduleId, iommuGroup: g.iommuGroup })),
     partitions: host.partitions.map((p) => ({ id: p.id, modules: [...p.modules] })),
   };
@@ -413,4 +423,24 @@ export async function simKernelRunning(root: string): Promise<number | null> {
   const abs = path.resolve(root);
   const pid = await readPid(abs);
   return pid !== null && isKernelOf(pid, abs) ? pid : null;
+}
+
+/**
+ * Simulates Fabric Manager restarting in resiliency mode: it forgets which partitions are active
+ * and waits `timeoutMs` (60 s on a real host) for `fmpm --set-activated-list`, refusing other calls;
+ * unanswered, it exits. `{ running: true }` brings back a Fabric Manager that exited.
+ */
+export async function restartFabricManager(root: string, opts: { timeoutMs?: number } = {}): Promise<void> {
+  const file = path.join(path.resolve(root), 'fm', 'state.json');
+  let state: Record<string, unknown> = { active: [] };
+  try {
+    state = JSON.parse(await readFile(file, 'utf8')) as Record<string, unknown>;
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code !== 'ENOENT') throw err;
+  }
+  state.active = [];
+  delete state.exited;
+  state.awaitingActivatedList = { since: Date.now(), timeoutMs: opts.timeoutMs ?? 60_000 };
+  await mkdir(path.dirname(file), { recursive: true });
+  await writeAtomic(file, `${JSON.stringify(state, null, 2)}\n`);
 }

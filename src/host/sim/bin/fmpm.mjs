@@ -10,6 +10,11 @@
  * file, written as temp + rename, so concurrent calls never lose an update.
  * Faults: <root>/faults.json key "fmpm": { down, hangMs, activateFails: {id: fmReturn},
  * deactivateFails: {id: fmReturn} }.
+ *
+ * Fabric Manager restarted in resiliency mode (`restartFabricManager` in sim-host.ts sets
+ * state.awaitingActivatedList = { since, timeoutMs }): it waits for `--set-activated-list`, refusing
+ * every other call with NOT_CONFIGURED (-8) meanwhile; if the window passes unanswered it exits
+ * (state.exited: connect failures from then on) until it is restarted.
  */
 import fs from 'node:fs';
 import path from 'node:path';
@@ -24,6 +29,7 @@ const FM_ST_IN_USE = -7;
 const FM_ST_PARTITION_ID_IN_USE = -17;
 const FM_ST_PARTITION_ID_NOT_IN_USE = -18;
 const FM_ST_CONNECTION_NOT_VALID = -9;
+const FM_ST_NOT_CONFIGURED = -8;
 
 // MAKE_FM_PARAM_VERSION(fmFabricPartitionList_v2, 1): sizeof = 12 + 64 * (12 + 16 * 128) = 131852.
 const FM_FABRIC_PARTITION_LIST_VERSION = 131852 | (1 << 24);
@@ -255,12 +261,14 @@ function deactivate(host, faults, id) {
 
 function setActivatedList(host, ids) {
   const rc = withStateLock(() => {
+    if (!readState().awaitingActivatedList) return FM_ST_NOT_CONFIGURED;
     if (ids.some((id) => !modulesOf(host, id))) return FM_ST_BADPARAM;
     for (let i = 0; i < ids.length; i++) {
       if (overlapsActive(host, ids[i], ids.slice(0, i))) return FM_ST_IN_USE;
     }
     const state = readState();
     state.active = [...ids].sort((a, b) => a - b);
+    delete state.awaitingActivatedList;
     writeJsonAtomic(stateFile, state);
     return FM_ST_SUCCESS;
   });
@@ -364,6 +372,34 @@ if (faults.down === true) {
   // fmConnect() fails with FM_ST_CONNECTION_NOT_VALID when nothing listens on the FM port.
   out('Failed to connect to Fabric Manager instance.');
   exitWith(FM_ST_CONNECTION_NOT_VALID);
+}
+
+/** A restarted Fabric Manager: still waiting for the activated list, or gone after its window. */
+function restartPhase() {
+  const state = readState();
+  if (state.exited) return 'exited';
+  const w = state.awaitingActivatedList;
+  if (!w) return 'running';
+  if (Date.now() - w.since <= (w.timeoutMs ?? 60_000)) return 'waiting';
+  withStateLock(() => {
+    const s2 = readState();
+    delete s2.awaitingActivatedList;
+    s2.exited = true;
+    writeJsonAtomic(stateFile, s2);
+    return FM_ST_SUCCESS;
+  });
+  return 'exited';
+}
+
+const phase = restartPhase();
+if (phase === 'exited') {
+  out('Failed to connect to Fabric Manager instance.');
+  exitWith(FM_ST_CONNECTION_NOT_VALID);
+}
+if (phase === 'waiting' && operation !== 'set-activated-list') {
+  const what = operation === 'list' ? 'get partition list' : operation === 'activate' ? 'activate partition' : 'deactivate partition';
+  out(`Failed to ${what}. fmReturn: ${FM_ST_NOT_CONFIGURED}`);
+  exitWith(FM_ST_NOT_CONFIGURED);
 }
 
 let rc = FM_ST_SUCCESS;

@@ -8,7 +8,8 @@
  * <root>/sys/bus/pci/devices/<bdf>), and the Fabric block reads Completed/Success for a GPU whose
  * module is in an active partition (<root>/fm/state.json), In Progress/N/A otherwise (FABRIC_MODE=1).
  * Faults: <root>/faults.json key "nvidiaSmi": { fail: true } → driver communication failure (exit 9);
- * { hangMs: N } → answers after N ms. Node builtins only.
+ * { hangMs: N } → answers after N ms; { fabricFailed: [pciAddress] } → those GPUs report fabric
+ * State Completed with Status Insufficient Resources (a failed fabric registration). Node builtins only.
  */
 import fs from 'node:fs';
 import path from 'node:path';
@@ -74,6 +75,7 @@ for (const id of Array.isArray(state.active) ? state.active : []) {
 }
 
 const BDF = /^[0-9a-f]{4}:[0-9a-f]{2}:[0-9a-f]{2}\.[0-7]$/;
+const fabricFailed = new Set(Array.isArray(smiFaults.fabricFailed) ? smiFaults.fabricFailed.filter((a) => BDF.test(String(a))) : []);
 const allGpus = Array.isArray(host.gpus) ? host.gpus : [];
 for (const g of allGpus) {
   if (!BDF.test(String(g?.pciAddress))) {
@@ -109,6 +111,8 @@ function busIdOf(bdf) {
 
 function gpuFacts(g) {
   const inActive = activeModules.has(g.moduleId);
+  // A failed registration still reads Completed; the status carries the NVML error string.
+  const failed = fabricFailed.has(g.pciAddress);
   return {
     busId: busIdOf(g.pciAddress),
     bus: g.pciAddress.slice(5, 7).toUpperCase(),
@@ -118,8 +122,9 @@ function gpuFacts(g) {
     serial: g.serial ?? 'N/A',
     moduleId: String(g.moduleId ?? 'N/A'),
     minor: String(g.minor),
-    fabricState: inActive ? 'Completed' : 'In Progress',
-    fabricStatus: inActive ? 'Success' : 'N/A',
+    fabricState: failed || inActive ? 'Completed' : 'In Progress',
+    fabricStatus: failed ? 'Insufficient Resources' : inActive ? 'Success' : 'N/A',
+    partitionAssigned: inActive && !failed,
     guid: `0x${(0xa000 + (g.moduleId ?? 0)).toString(16)}00000000${g.pciAddress.slice(5, 7)}`,
   };
 }
@@ -324,7 +329,7 @@ function textBlock(f) {
         ['Route Unhealthy', 'False'],
         ['Access Timeout Recovery', 'False'],
         ['Incorrect Configuration', 'None'],
-        ['Partition Assigned', f.fabricState === 'Completed' ? 'True' : 'False'],
+        ['Partition Assigned', f.partitionAssigned ? 'True' : 'False'],
       ]],
     ]],
     ['Processes', 'None'],
@@ -566,7 +571,7 @@ function xmlBlock(f) {
         ['route_unhealthy', 'False'],
         ['access_timeout_recovery', 'False'],
         ['incorrect_configuration', 'None'],
-        ['partition_assigned', f.fabricState === 'Completed' ? 'True' : 'False'],
+        ['partition_assigned', f.partitionAssigned ? 'True' : 'False'],
       ]],
     ]],
     ['supported_clocks', [

@@ -1,0 +1,80 @@
+/**
+ * Fabric Manager restarted in resiliency mode waits (60 s on NVIDIA's default) for the hypervisor
+ * to declare which partitions are active, refuses every other call meanwhile, and exits if nobody
+ * answers. gpuvm knows the answer from its own log: the partitions whose activation was confirmed
+ * and whose deactivation was not. This guard notices the restart (periodically, and at once when an
+ * effect handler sees Fabric Manager refuse a call) and answers with `fmpm --set-activated-list`.
+ */
+import type { Kysely } from 'kysely';
+import { hostStream } from '../../machines/index.ts';
+import { FmpmError } from '../host/fmpm.ts';
+import type { HostAdapters } from '../host/host.ts';
+import type { Logger } from '../log.ts';
+import type { Database } from '../store/schema.ts';
+import { applyEvent, inTransaction, type EffectPolicy } from './commands.ts';
+
+/** Partition states in which Fabric Manager has (or may still have) the partition active. */
+export const ACTIVE_IN_LOG = ['confirmingActive', 'binding', 'ready', 'unbinding', 'deactivating', 'confirmingInactive', 'broken'];
+
+/** What Fabric Manager answers while it waits for the activated list. */
+export function isWaitingForActivatedList(err: unknown): boolean {
+  return err instanceof FmpmError && err.code === 'not-configured';
+}
+
+export class FabricManagerGuard {
+  private timer: NodeJS.Timeout | null = null;
+  private busy: Promise<void> | null = null;
+
+  constructor(
+    private readonly db: Kysely<Database>,
+    private readonly host: HostAdapters,
+    private readonly policy: EffectPolicy,
+    private readonly opts: { intervalMs: number; log: Logger },
+  ) {}
+
+  start(): void {
+    this.timer = setInterval(() => this.kick(), this.opts.intervalMs);
+  }
+
+  async stop(): Promise<void> {
+    if (this.timer) clearInterval(this.timer);
+    this.timer = null;
+    await this.busy;
+  }
+
+  /** Checks now unless a check is under way; never throws. */
+  kick(): void {
+    if (this.busy) return;
+    this.busy = this.check()
+      .then(() => undefined)
+      .catch((err) => this.opts.log.error({ err: String(err), hostId: this.host.hostId }, 'Fabric Manager check failed'))
+      .finally(() => (this.busy = null));
+  }
+
+  /** One look at Fabric Manager; answers a restart. */
+  async check(): Promise<'running' | 'answered' | 'unreachable'> {
+    try {
+      await this.host.fmpm.list();
+      return 'running';
+    } catch (err) {
+      if (!isWaitingForActivatedList(err)) {
+        this.opts.log.warn({ hostId: this.host.hostId, err: String(err) }, 'Fabric Manager is not answering');
+        return 'unreachable';
+      }
+    }
+    const rows = await this.db
+      .selectFrom('partitions')
+      .select('partition_id')
+      .where('host_id', '=', this.host.hostId)
+      .where('state', 'in', ACTIVE_IN_LOG)
+      .orderBy('partition_id')
+      .execute();
+    const activatedList = rows.map((r) => r.partition_id);
+    await this.host.fmpm.setActivatedList(activatedList);
+    await inTransaction(this.db, (tx) =>
+      applyEvent(tx, hostStream(this.host.hostId), { type: 'FABRIC_MANAGER_RESTARTED', activatedList }, { actor: 'fabric-manager-guard', correlationId: hostStream(this.host.hostId), causationId: null }, this.policy),
+    );
+    this.opts.log.warn({ hostId: this.host.hostId, activatedList }, 'Fabric Manager restarted: gave it the activated partitions from the log');
+    return 'answered';
+  }
+}
