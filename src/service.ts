@@ -11,6 +11,7 @@ import { createHandlers } from './engine/handlers.ts';
 import { registerHost } from './engine/hosts.ts';
 import { QemuMonitor } from './engine/monitor.ts';
 import { HealthMonitor } from './engine/health.ts';
+import { HOST_FILES } from './host/doctor.ts';
 import { FabricManagerGuard } from './engine/fabric-manager.ts';
 import { VmService } from './engine/vms.ts';
 import { EffectWorker, type RetryPolicy } from './engine/worker.ts';
@@ -92,7 +93,7 @@ export async function startService(config: Config, opts: StartOptions = {}): Pro
     fabricManager.start();
     const monitor = new QemuMonitor(db.kysely, host, policy, config.monitorIntervalMs, log);
     monitor.start();
-    const health = new HealthMonitor(db.kysely, host, policy, { intervalMs: config.healthIntervalMs, kernelLog: join(host.fsRoot, 'var', 'log', 'kern.log'), log });
+    const health = new HealthMonitor(db.kysely, host, policy, { intervalMs: config.healthIntervalMs, kernelLog: join(host.fsRoot, HOST_FILES.kernelLog), log });
     health.start();
 
     const api = await buildApi({
