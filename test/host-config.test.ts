@@ -147,7 +147,7 @@ describe('parseHostConfig', () => {
 
   it('accepts the address forms fmpm --hostname takes', () => {
     for (const ok of ['127.0.0.1', '127.0.0.1:6666', '10.20.30.40:1', '[::1]:6666', '[fe80::1]']) expect(isFabricManagerAddress(ok), ok).toBe(true);
-    for (const no of ['', 'localhost', '::1', '[127.0.0.1]:6666', '127.0.0.1:0', '127.0.0.1:', '1.2.3:4', '127.0.0.1:6666:1', '-l']) {
+    for (const no of ['', 'localhost', '::1', '[127.0.0.1]:6666', '127.0.0.1:0', '127.0.0.1:', '1.2.3:4', '127.0.0.1:6666:1', '[fe80::1%eth0]:6666', '-l']) {
       expect(isFabricManagerAddress(no), no).toBe(false);
     }
   });

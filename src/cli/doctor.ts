@@ -9,6 +9,7 @@ import pino from 'pino';
 import { loadConfig } from '../config.ts';
 import { runDoctor, type CheckResult } from '../host/doctor.ts';
 import { openSimulatedHost } from '../host/host.ts';
+import { loadHostConfig, openRealHost } from '../host/host-config.ts';
 import { createLogger } from '../log.ts';
 import { table } from './format.ts';
 
@@ -33,6 +34,7 @@ export function registerDoctor(cli: Command): void {
     .command('doctor')
     .description('check the host: IOMMU, vfio, Fabric Manager (reachable, mode 1, version), open kernel module, NVLSM, QEMU, GPU fabric state, Xid lines')
     .option('--json', 'print the checks as JSON')
+    .option('--config <file>', 'check the real host this file describes (see docs/real-host.md); default: the simulated host')
     .option('--data-dir <dir>', 'where the simulated host lives (default ./.gpuvm)')
     .option('--host-id <id>', 'this host (default sim-b200)')
     .option('--kernel-log <file>', 'the kernel log to scan for Xid lines (default <host root>/var/log/kern.log)')
@@ -41,10 +43,12 @@ export function registerDoctor(cli: Command): void {
       const config = loadConfig({ dataDir: o.dataDir, hostId: o.hostId });
       // stdout carries the report (or the JSON); adapter logs go to stderr, errors only.
       const log = createLogger('error', pino.destination({ dest: 2, sync: true }));
-      const host = await openSimulatedHost(
-        { hostId: config.hostId, dataDir: config.dataDir, qemuBin: config.qemuBin, bindTimeoutMs: config.bindTimeoutMs, toolTimeoutMs: config.toolTimeoutMs },
-        log,
-      );
+      const host = o.config
+        ? openRealHost(await loadHostConfig(o.config), { bindTimeoutMs: config.bindTimeoutMs, toolTimeoutMs: config.toolTimeoutMs })
+        : await openSimulatedHost(
+            { hostId: config.hostId, dataDir: config.dataDir, qemuBin: config.qemuBin, bindTimeoutMs: config.bindTimeoutMs, toolTimeoutMs: config.toolTimeoutMs },
+            log,
+          );
       const results = await runDoctor(host, {
         ...(o.kernelLog === undefined ? {} : { kernelLog: resolve(o.kernelLog) }),
         ...(o.requireNvidiaBlacklist ? { requireNvidiaBlacklist: true } : {}),

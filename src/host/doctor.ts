@@ -280,7 +280,7 @@ const checks: Record<CheckId, Check> = {
     if (!image) {
       return warn(
         `Fabric Manager ${fm}; no guest image driver version is configured, so gpuvm cannot refuse an image with another driver${driverNote}`,
-        `configure the guest image's driver version (vmDefaults.imageDriverVersion: the nvidia-open version installed in the image, which must be ${fm})`,
+        `configure the guest image's driver version (vm.imageDriverVersion in the host config file: the nvidia-open version installed in the image, which must be ${fm})`,
       );
     }
     if (image !== fm) {

@@ -90,6 +90,8 @@ export class HostConfigError extends Error {
   readonly code: HostConfigErrorCode;
   /** The config file, when the error came from loadHostConfig. */
   readonly file: string | undefined;
+  /** The message without the field and file. */
+  readonly detail: string;
 
   constructor(code: HostConfigErrorCode, field: string, detail: string, opts: { file?: string; cause?: unknown } = {}) {
     const where = opts.file === undefined ? '' : ` (in ${opts.file})`;
@@ -97,6 +99,7 @@ export class HostConfigError extends Error {
     this.code = code;
     this.field = field;
     this.file = opts.file;
+    this.detail = detail;
   }
 }
 
@@ -115,7 +118,8 @@ export function isFabricManagerAddress(value: string): boolean {
   const m = /^(?:\[([^\]]+)\]|([^:[\]]+))(?::(\d{1,5}))?$/.exec(value);
   if (!m) return false;
   const ip = m[1] ?? m[2]!;
-  if (m[1] !== undefined ? isIP(ip) !== 6 : isIP(ip) !== 4) return false;
+  // No IPv6 zone ids (`%eth0`): the Fmpm adapter, like the tool, takes a plain address.
+  if (m[1] !== undefined ? isIP(ip) !== 6 || !/^[0-9A-Fa-f:.]+$/.test(ip) : isIP(ip) !== 4) return false;
   if (m[3] !== undefined) {
     const port = Number(m[3]);
     if (port < 1 || port > 65_535) return false;
@@ -338,10 +342,7 @@ export async function loadHostConfig(path: string): Promise<HostConfig> {
   try {
     return parseHostConfig(json);
   } catch (err) {
-    if (err instanceof HostConfigError) {
-      const detail = err.field && err.message.startsWith(`${err.field}: `) ? err.message.slice(err.field.length + 2) : err.message;
-      throw new HostConfigError(err.code, err.field, detail, { file: path, cause: err.cause });
-    }
+    if (err instanceof HostConfigError) throw new HostConfigError(err.code, err.field, err.detail, { file: path, cause: err.cause });
     throw err;
   }
 }

@@ -24,7 +24,7 @@ export interface ServeChild {
   kill: (signal?: NodeJS.Signals) => Promise<void>;
 }
 
-export async function startServeChild(opts: { dataDir: string; port: number; databaseUrl?: string; env?: Record<string, string> }): Promise<ServeChild> {
+export async function startServeChild(opts: { dataDir: string; port: number; databaseUrl?: string; env?: Record<string, string>; extraArgs?: string[] }): Promise<ServeChild> {
   const env: Record<string, string> = {
     ...(process.env as Record<string, string>),
     GPUVM_POWERDOWN_TIMEOUT_MS: '300',
@@ -38,7 +38,7 @@ export async function startServeChild(opts: { dataDir: string; port: number; dat
   };
   delete env.DATABASE_URL;
   if (opts.databaseUrl) env.DATABASE_URL = opts.databaseUrl;
-  const proc = spawn(process.execPath, [BIN, 'serve', '--port', String(opts.port), '--data-dir', opts.dataDir], { env, stdio: ['ignore', 'pipe', 'pipe'] });
+  const proc = spawn(process.execPath, [BIN, 'serve', '--port', String(opts.port), '--data-dir', opts.dataDir, ...(opts.extraArgs ?? [])], { env, stdio: ['ignore', 'pipe', 'pipe'] });
   let out = '';
   proc.stdout!.on('data', (d) => (out += d));
   proc.stderr!.on('data', (d) => (out += d));
