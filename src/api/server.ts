@@ -25,6 +25,7 @@ import type { Kysely } from 'kysely';
 import type { Database } from '../store/schema.ts';
 import type { EffectPolicy } from '../engine/commands.ts';
 import { clearQuarantine, listHosts } from '../engine/hosts.ts';
+import { registerReplayRoutes } from './replay-routes.ts';
 
 export interface ApiDeps {
   vms: VmService;
@@ -126,5 +127,6 @@ export async function buildApi(deps: ApiDeps): Promise<FastifyInstance> {
     return clearQuarantine(deps.db, hostId, body, actor(req), deps.policy);
   });
 
+  registerReplayRoutes(app, { db: deps.db });
   return app;
 }

@@ -12,6 +12,7 @@ import { join } from 'node:path';
 import { userInfo } from 'node:os';
 import { duration, table, time } from './format.ts';
 import { registerDoctor } from './doctor.ts';
+import { registerReplayCommands } from './replay.ts';
 
 class CliError extends Error {}
 
@@ -169,6 +170,7 @@ function program(): Command {
     });
 
   registerDoctor(cli);
+  registerReplayCommands(cli, { call, serviceUrl });
 
   const vm = cli.command('vm').description('create, list, show and delete VMs');
 

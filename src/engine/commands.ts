@@ -10,6 +10,7 @@ import { EFFECTS_CHANNEL } from '../store/db.ts';
 import { writeProjections, type StreamSnapshot } from '../store/projections.ts';
 import type { Database } from '../store/schema.ts';
 import { decide, type Decision, type MachineEvent } from './decide.ts';
+import { crashPoint } from './crash-points.ts';
 
 export interface CommandMeta {
   actor: string;
@@ -131,6 +132,8 @@ export async function applyEvent(
     // Delivered at commit: wakes the host's workers without a polling delay.
     await sql`select pg_notify(${EFFECTS_CHANNEL}, ${hostId})`.execute(tx);
   }
+  // Everything is written but not committed: a kill here loses all of it, as a crash before commit.
+  crashPoint(`event:${type}:before-commit`);
   return { kind: 'changed', snapshot: next, effectIds, position: positions[0]! };
 }
 

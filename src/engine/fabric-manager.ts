@@ -12,6 +12,7 @@ import type { HostAdapters } from '../host/host.ts';
 import type { Logger } from '../log.ts';
 import type { Database } from '../store/schema.ts';
 import { applyEvent, inTransaction, type EffectPolicy } from './commands.ts';
+import { Periodic } from './periodic.ts';
 
 /** Partition states in which Fabric Manager has (or may still have) the partition active. */
 export const ACTIVE_IN_LOG = ['confirmingActive', 'binding', 'ready', 'unbinding', 'deactivating', 'confirmingInactive', 'broken'];
@@ -22,33 +23,28 @@ export function isWaitingForActivatedList(err: unknown): boolean {
 }
 
 export class FabricManagerGuard {
-  private timer: NodeJS.Timeout | null = null;
-  private busy: Promise<void> | null = null;
+  private readonly periodic: Periodic;
 
   constructor(
     private readonly db: Kysely<Database>,
     private readonly host: HostAdapters,
     private readonly policy: EffectPolicy,
     private readonly opts: { intervalMs: number; log: Logger },
-  ) {}
-
-  start(): void {
-    this.timer = setInterval(() => this.kick(), this.opts.intervalMs);
+  ) {
+    this.periodic = new Periodic(`Fabric Manager check of host ${host.hostId}`, opts.intervalMs, () => this.check(), opts.log);
   }
 
-  async stop(): Promise<void> {
-    if (this.timer) clearInterval(this.timer);
-    this.timer = null;
-    await this.busy;
+  start(): void {
+    this.periodic.start();
+  }
+
+  stop(): Promise<void> {
+    return this.periodic.stop();
   }
 
   /** Checks now unless a check is under way; never throws. */
   kick(): void {
-    if (this.busy) return;
-    this.busy = this.check()
-      .then(() => undefined)
-      .catch((err) => this.opts.log.error({ err: String(err), hostId: this.host.hostId }, 'Fabric Manager check failed'))
-      .finally(() => (this.busy = null));
+    this.periodic.kick();
   }
 
   /** One look at Fabric Manager; answers a restart. */

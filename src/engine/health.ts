@@ -16,10 +16,10 @@ import { DuplicateCausationError } from '../store/events.ts';
 import type { Database } from '../store/schema.ts';
 import { applyEvent, inTransaction, loadSnapshot, type EffectPolicy } from './commands.ts';
 import type { MachineEvent } from './decide.ts';
+import { Periodic } from './periodic.ts';
 
 export class HealthMonitor {
-  private timer: NodeJS.Timeout | null = null;
-  private busy: Promise<void> | null = null;
+  private readonly periodic: Periodic;
   /** How far the kernel log has been read; a shorter file (rotated) starts over. */
   private kernelLogOffset = 0;
 
@@ -28,18 +28,16 @@ export class HealthMonitor {
     private readonly host: HostAdapters,
     private readonly policy: EffectPolicy,
     private readonly opts: { intervalMs: number; kernelLog: string; log: Logger },
-  ) {}
-
-  start(): void {
-    this.timer = setInterval(() => {
-      if (!this.busy) this.busy = this.check().catch((err) => this.opts.log.error({ err: String(err), hostId: this.host.hostId }, 'GPU health check failed')).finally(() => (this.busy = null));
-    }, this.opts.intervalMs);
+  ) {
+    this.periodic = new Periodic(`GPU health check of host ${host.hostId}`, opts.intervalMs, () => this.check(), opts.log);
   }
 
-  async stop(): Promise<void> {
-    if (this.timer) clearInterval(this.timer);
-    this.timer = null;
-    await this.busy;
+  start(): void {
+    this.periodic.start();
+  }
+
+  stop(): Promise<void> {
+    return this.periodic.stop();
   }
 
   /** One pass over the kernel log and nvidia-smi. */

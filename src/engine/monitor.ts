@@ -11,10 +11,11 @@ import type { Logger } from '../log.ts';
 import type { Database } from '../store/schema.ts';
 import { DuplicateCausationError } from '../store/events.ts';
 import { applyEvent, inTransaction, loadSnapshot, type EffectPolicy } from './commands.ts';
+import { Periodic } from './periodic.ts';
+import { crashPoint } from './crash-points.ts';
 
 export class QemuMonitor {
-  private timer: NodeJS.Timeout | null = null;
-  private busy: Promise<void> | null = null;
+  private readonly periodic: Periodic;
 
   constructor(
     private readonly db: Kysely<Database>,
@@ -22,18 +23,16 @@ export class QemuMonitor {
     private readonly policy: EffectPolicy,
     private readonly intervalMs: number,
     private readonly log: Logger,
-  ) {}
-
-  start(): void {
-    this.timer = setInterval(() => {
-      if (!this.busy) this.busy = this.check().catch((err) => this.log.error({ err: String(err) }, 'QEMU monitor check failed')).finally(() => (this.busy = null));
-    }, this.intervalMs);
+  ) {
+    this.periodic = new Periodic(`QEMU monitor of host ${host.hostId}`, intervalMs, () => this.check(), log);
   }
 
-  async stop(): Promise<void> {
-    if (this.timer) clearInterval(this.timer);
-    this.timer = null;
-    await this.busy;
+  start(): void {
+    this.periodic.start();
+  }
+
+  stop(): Promise<void> {
+    return this.periodic.stop();
   }
 
   /** One pass: every VM whose QEMU should be alive, checked against the host. */
@@ -47,9 +46,9 @@ export class QemuMonitor {
     for (const vm of vms) {
       const status = await this.host.qemu.status(vm.id);
       if (status.running) continue;
-      await inTransaction(this.db, async (tx) => {
+      const recorded = await inTransaction(this.db, async (tx) => {
         const { snapshot } = await loadSnapshot(tx, vmStream(vm.id));
-        if (!snapshot || (snapshot.state !== 'running' && snapshot.state !== 'stopping')) return;
+        if (!snapshot || (snapshot.state !== 'running' && snapshot.state !== 'stopping')) return false;
         try {
           // One observation per stream version: a second monitor pass cannot record it twice.
           const result = await applyEvent(
@@ -60,10 +59,13 @@ export class QemuMonitor {
             this.policy,
           );
           if (result.kind === 'changed') this.log.warn({ vmId: vm.id, from: snapshot.state, to: result.snapshot.state }, 'QEMU process is gone');
+          return result.kind === 'changed';
         } catch (err) {
           if (!(err instanceof DuplicateCausationError)) throw err;
+          return false;
         }
       });
+      if (recorded) crashPoint('event:QEMU_EXITED:after-commit');
     }
   }
 }

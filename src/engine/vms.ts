@@ -11,6 +11,7 @@ import type { VmRow } from '../store/projections.ts';
 import type { Database } from '../store/schema.ts';
 import { applyEvent, inTransaction, loadSnapshot, type EffectPolicy } from './commands.ts';
 import { choosePartition, GPU_COUNTS } from './placement.ts';
+import { crashPoint } from './crash-points.ts';
 
 export const VM_NAME_PATTERN = /^[a-zA-Z0-9][a-zA-Z0-9._-]{0,62}$/;
 export const VM_ID_PATTERN = /^vm-[a-z0-9]{10}$/;
@@ -60,7 +61,7 @@ export class VmService {
     // refuses ours, and we decide again on what is left.
     for (let attempt = 0; attempt < 50; attempt++) {
       try {
-        return await inTransaction(this.db, async (tx) => {
+        const vm = await inTransaction(this.db, async (tx) => {
           const partitions = await tx
             .selectFrom('partitions')
             .select(['partition_id', 'modules', 'state'])
@@ -111,6 +112,8 @@ export class VmService {
           if (created.kind !== 'changed') throw new Error(`vm ${vmId} could not be created`);
           return (await this.find(tx, vmId))!;
         });
+        crashPoint('event:CREATE:after-commit');
+        return vm;
       } catch (err) {
         if (err instanceof PlacementRace || isUniqueViolation(err, 'gpu_claims_pkey')) continue;
         if (isUniqueViolation(err, 'vms_live_name')) throw conflict('name-taken', `a VM named ${JSON.stringify(name)} already exists`);
@@ -122,7 +125,7 @@ export class VmService {
 
   /** Accepted in every state but `deleted`; a repeat while deletion is under way changes nothing. */
   async delete(vmId: string, actor: string, requestId: string = randomUUID()): Promise<VmRow> {
-    return inTransaction(this.db, async (tx) => {
+    const vm = await inTransaction(this.db, async (tx) => {
       const { snapshot } = await loadSnapshot(tx, vmStream(vmId));
       if (!snapshot) throw notFound(`no VM ${vmId}`);
       const result = await applyEvent(tx, vmStream(vmId), { type: 'DELETE' }, { actor, correlationId: vmId, causationId: `request:${requestId}` }, this.policy);
@@ -133,6 +136,8 @@ export class VmService {
       }
       return (await this.find(tx, vmId))!;
     });
+    crashPoint('event:DELETE:after-commit');
+    return vm;
   }
 
   async find(db: Executor, vmId: string): Promise<VmRow | null> {

@@ -14,6 +14,7 @@ import type { Database } from '../store/schema.ts';
 import { DuplicateCausationError, type Executor } from '../store/events.ts';
 import { applyEvent, inTransaction, type EffectPolicy } from './commands.ts';
 import type { MachineEvent } from './decide.ts';
+import { crashPoint } from './crash-points.ts';
 
 export interface ClaimedEffect {
   id: string;
@@ -263,25 +264,36 @@ export class EffectWorker {
     const started = Date.now();
     try {
       if (!handler) throw Object.assign(new Error(`no handler for effect ${effect.type}`), { retryable: false });
+      crashPoint(`effect:${effect.type}:before-action`);
       outcome = await handler(effect.params, { effect, log });
+      crashPoint(`effect:${effect.type}:after-action`);
     } catch (err) {
       failure = err;
     } finally {
       clearInterval(renew);
     }
-    try {
-      if (failure === null) {
-        await this.complete(effect, outcome!);
-        log.info({ ms: Date.now() - started, deliver: outcome?.deliver?.event.type }, 'effect done');
-      } else {
-        await this.fail(effect, failure, log);
-      }
-    } catch (err) {
-      if (err instanceof LostLeaseError) {
-        log.warn('lease lost before the outcome was recorded; another worker owns this effect now');
+    // The host has been changed; recording the outcome must not be lost to a database that is
+    // restarting. Keep trying while the lease would still be ours, then let the lease decide.
+    const deadline = Date.now() + this.opts.leaseMs;
+    for (let pause = 100; ; pause = Math.min(pause * 2, 2000)) {
+      try {
+        if (failure === null) {
+          await this.complete(effect, outcome!);
+          if (outcome!.deliver) crashPoint(`event:${outcome!.deliver.event.type}:after-commit`);
+          log.info({ ms: Date.now() - started, deliver: outcome?.deliver?.event.type }, 'effect done');
+        } else {
+          await this.fail(effect, failure, log);
+        }
         return;
+      } catch (err) {
+        if (err instanceof LostLeaseError) {
+          log.warn('lease lost before the outcome was recorded; another worker owns this effect now');
+          return;
+        }
+        if (!this.running || Date.now() + pause > deadline) throw err;
+        log.warn({ err: describe(err), retryInMs: pause }, 'could not record the effect outcome; retrying');
+        await new Promise((r) => setTimeout(r, pause));
       }
-      throw err;
     }
   }
 
@@ -375,5 +387,6 @@ export class EffectWorker {
       const ignored = await this.deliver(tx, effect, effect.streamId, { type: 'EFFECT_FAILED', effect: effect.type, error: message });
       await this.finish(tx, effect, { status: 'failed', error: message, note: ignored });
     });
+    crashPoint('event:EFFECT_FAILED:after-commit');
   }
 }

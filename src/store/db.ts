@@ -38,29 +38,58 @@ pg.types.setTypeParser(20, (v) => v);
 
 async function openPostgres(url: string, poolSize: number): Promise<Db> {
   const pool = new pg.Pool({ connectionString: url, max: poolSize });
-  // A dropped connection (Postgres restart) surfaces as an error on an idle client; the pool
-  // discards that client and the next query opens a new one.
+  // A dropped connection (Postgres restarting) surfaces as an 'error' event on its client. On an
+  // idle client the pool discards it; on a checked-out one between two queries nothing listens,
+  // and an unheard 'error' would take the process down. Listen on every client: the next query on
+  // it fails instead, and the caller's retry gets a fresh connection.
   pool.on('error', () => {});
+  pool.on('connect', (client) => client.on('error', () => {}));
   const kysely = new Kysely<Database>({ dialect: new PostgresDialect({ pool }) });
   const listeners = new Set<pg.Client>();
+  let closing = false;
   return {
     kysely,
     kind: 'postgres',
     async listen(channel, onNotify) {
-      const client = new pg.Client({ connectionString: url });
-      client.on('error', () => {});
-      await client.connect();
-      listeners.add(client);
-      client.on('notification', (msg) => {
-        if (msg.channel === channel) onNotify(msg.payload ?? '');
-      });
-      await client.query(`listen ${pg.escapeIdentifier(channel)}`);
+      // A dedicated connection; when it drops (Postgres restarting), it is opened again after a
+      // pause. Notifications sent meanwhile are lost, which the workers' polling covers.
+      let stopped = false;
+      let client: pg.Client | null = null;
+      const connect = async (): Promise<void> => {
+        while (!stopped && !closing) {
+          const c = new pg.Client({ connectionString: url });
+          c.on('error', () => {});
+          c.on('notification', (msg) => {
+            if (msg.channel === channel) onNotify(msg.payload ?? '');
+          });
+          try {
+            await c.connect();
+            await c.query(`listen ${pg.escapeIdentifier(channel)}`);
+          } catch {
+            await c.end().catch(() => {});
+            await new Promise((r) => setTimeout(r, 1000));
+            continue;
+          }
+          client = c;
+          listeners.add(c);
+          c.once('end', () => {
+            listeners.delete(c);
+            if (!stopped && !closing) void connect();
+          });
+          return;
+        }
+      };
+      await connect();
       return async () => {
-        listeners.delete(client);
-        await client.end().catch(() => {});
+        stopped = true;
+        if (client) {
+          listeners.delete(client);
+          await client.end().catch(() => {});
+        }
       };
     },
     async close() {
+      closing = true;
       for (const client of listeners) await client.end().catch(() => {});
       await kysely.destroy();
     },

@@ -47,7 +47,7 @@ export async function startServeChild(opts: { dataDir: string; port: number; dat
   await waitUntil(
     'gpuvm serve to answer',
     async () => {
-      if (proc.exitCode !== null) throw new Error(`gpuvm serve exited with ${proc.exitCode}:\n${out}`);
+      if (proc.exitCode !== null || proc.signalCode !== null) throw new Error(`gpuvm serve exited (${proc.exitCode ?? proc.signalCode}):\n${out.slice(-2000)}`);
       return fetch(`${url}/v1/health`).then((r) => r.ok, () => false);
     },
     60_000,
