@@ -54,6 +54,9 @@ export interface Config {
   logLevel: string;
 }
 
+/** A host id: it names streams (`host:<id>`) and folders, so it is kept to a safe alphabet. */
+export const HOST_ID_PATTERN = /^[a-z0-9][a-z0-9-]{0,62}$/;
+
 const int = (min: number, max: number) => z.coerce.number().int().min(min).max(max);
 
 const schema = z.object({
@@ -61,7 +64,7 @@ const schema = z.object({
   databaseUrl: z.string().regex(/^postgres(ql)?:\/\//, 'must be a postgres:// URL').optional(),
   listenHost: z.string().min(1),
   port: int(0, 65535),
-  hostId: z.string().regex(/^[a-z0-9][a-z0-9-]{0,62}$/, 'lower-case letters, digits and dashes, at most 63'),
+  hostId: z.string().regex(HOST_ID_PATTERN, 'lower-case letters, digits and dashes, at most 63'),
   vmMemoryMiB: int(64, 4 * 1024 * 1024),
   vmVcpus: int(1, 1024),
   powerdownTimeoutMs: int(0, 3_600_000).optional(),

@@ -277,20 +277,39 @@ describe(`incident replay, verify and export (${usingPostgres ? 'postgres' : 'pg
 
   it('CLI: replay prints the moment, verify exits 0 then 1 naming stream and event, export writes JSON lines', async () => {
     const when = t1.toISOString().replace('T', ' ').replace('Z', ''); // as `gpuvm history` prints times
-    const rvm = await gpuvm('replay', 'vm', vm.id, '--at', when);
-    expect(rvm.code, rvm.stderr).toBe(0);
-    expect(rvm.stdout).toMatch(new RegExp(`^VM ${vm.id} \\(incident\\) at ${when}: running\\n`));
-    expect(rvm.stdout).toMatch(new RegExp(`\\npartition ${vm.partition_id}: ready \\(held by ${vm.id}\\)`));
-    const rhost = await gpuvm('replay', 'host', hostId(), '--at', t1.toISOString(), '--json');
-    expect(rhost.code, rhost.stderr).toBe(0);
-    expect(JSON.parse(rhost.stdout).activePartitions.map((p: { partitionId: number }) => p.partitionId)).toEqual([vm.partition_id]);
-    const badAt = await gpuvm('replay', 'vm', vm.id, '--at', 'tuesday');
-    expect(badAt.code).toBe(1);
-    expect(badAt.stderr).toMatch(/^gpuvm: at must be an ISO 8601 time with a zone.*\n$/);
+    const dir = mkdtempSync(join(tmpdir(), 'gpuvm-export-'));
+    try {
+      const file = join(dir, 'bundle.jsonl');
+      // Read-only commands side by side: each is a node process of its own.
+      const [rvm, rhost, badAt, ok, toFile, toStdout, missing] = await Promise.all([
+        gpuvm('replay', 'vm', vm.id, '--at', when),
+        gpuvm('replay', 'host', hostId(), '--at', t1.toISOString(), '--json'),
+        gpuvm('replay', 'vm', vm.id, '--at', 'tuesday'),
+        gpuvm('verify'),
+        gpuvm('export', vm.id, '--out', file),
+        gpuvm('export', vm.id),
+        gpuvm('export', 'vm-0000000000'),
+      ]);
+      expect(rvm.code, rvm.stderr).toBe(0);
+      expect(rvm.stdout).toMatch(new RegExp(`^VM ${vm.id} \\(incident\\) at ${when}: running\\n`));
+      expect(rvm.stdout).toMatch(new RegExp(`\\npartition ${vm.partition_id}: ready \\(held by ${vm.id}\\)`));
+      expect(rhost.code, rhost.stderr).toBe(0);
+      expect(JSON.parse(rhost.stdout).activePartitions.map((p: { partitionId: number }) => p.partitionId)).toEqual([vm.partition_id]);
+      expect(badAt.code).toBe(1);
+      expect(badAt.stderr).toMatch(/^gpuvm: at must be an ISO 8601 time with a zone.*\n$/);
 
-    const ok = await gpuvm('verify');
-    expect(ok.code, ok.stderr).toBe(0);
-    expect(ok.stdout).toMatch(/^ok: 17 streams, \d+ events, no problems\n$/);
+      expect(ok.code, ok.stderr).toBe(0);
+      expect(ok.stdout).toMatch(/^ok: 17 streams, \d+ events, no problems\n$/);
+
+      expect(toFile.code, toFile.stderr).toBe(0);
+      const fromFile = readFileSync(file, 'utf8').trimEnd().split('\n').map((l) => JSON.parse(l));
+      expect(toStdout.code, toStdout.stderr).toBe(0);
+      expect(toStdout.stdout.trimEnd().split('\n').map((l) => JSON.parse(l))).toEqual(fromFile);
+      expect(fromFile.filter((l) => l.kind === 'event')).toHaveLength((await readCorrelated(db, vm.id)).length);
+      expect([missing.code, missing.stderr]).toEqual([1, 'gpuvm: no VM vm-0000000000\n']);
+    } finally {
+      rmSync(dir, { recursive: true, force: true });
+    }
 
     const last = (await readStream(db, vmStream(vm.id))).at(-1)!;
     await sql`update vms set gpu_count = 8 where id = ${vm.id}`.execute(db);
@@ -303,22 +322,6 @@ describe(`incident replay, verify and export (${usingPostgres ? 'postgres' : 'pg
       expect(bad.stderr).toMatch(/^gpuvm: verify found 1 problem\(s\) in 17 streams, \d+ events\n$/);
     } finally {
       await sql`update vms set gpu_count = 2 where id = ${vm.id}`.execute(db);
-    }
-
-    const dir = mkdtempSync(join(tmpdir(), 'gpuvm-export-'));
-    try {
-      const file = join(dir, 'bundle.jsonl');
-      const toFile = await gpuvm('export', vm.id, '--out', file);
-      expect(toFile.code, toFile.stderr).toBe(0);
-      const fromFile = readFileSync(file, 'utf8').trimEnd().split('\n').map((l) => JSON.parse(l));
-      const toStdout = await gpuvm('export', vm.id);
-      expect(toStdout.code, toStdout.stderr).toBe(0);
-      expect(toStdout.stdout.trimEnd().split('\n').map((l) => JSON.parse(l))).toEqual(fromFile);
-      expect(fromFile.filter((l) => l.kind === 'event')).toHaveLength((await readCorrelated(db, vm.id)).length);
-      const missing = await gpuvm('export', 'vm-0000000000');
-      expect([missing.code, missing.stderr]).toEqual([1, 'gpuvm: no VM vm-0000000000\n']);
-    } finally {
-      rmSync(dir, { recursive: true, force: true });
     }
   }, 120_000);
 });

@@ -17,9 +17,9 @@ import { parseIsoTime, POSITION_PATTERN, replayHost, replayVm, type ReplayPoint 
 import { formatProblem, verifyHistory } from '../engine/verify.ts';
 import { VM_ID_PATTERN } from '../engine/vms.ts';
 import type { Database } from '../store/schema.ts';
+import { HOST_ID_PATTERN } from '../config.ts';
 
 /** The same rule as the other host routes: what a host id may look like. */
-const HOST_ID_PATTERN = /^[a-z0-9][a-z0-9-]{0,62}$/;
 
 const quote = (v: string) => JSON.stringify(v.slice(0, 80));
 

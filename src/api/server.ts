@@ -26,6 +26,7 @@ import type { Database } from '../store/schema.ts';
 import type { EffectPolicy } from '../engine/commands.ts';
 import { clearQuarantine, listHosts } from '../engine/hosts.ts';
 import { registerReplayRoutes } from './replay-routes.ts';
+import { HOST_ID_PATTERN } from '../config.ts';
 
 export interface ApiDeps {
   vms: VmService;
@@ -46,7 +47,6 @@ const createVmBody = z
   })
   .strict();
 
-const HOST_ID_PATTERN = /^[a-z0-9][a-z0-9-]{0,62}$/;
 
 const clearQuarantineBody = z
   .object({

@@ -90,7 +90,7 @@ function vmReplayText(r: VmReplayJson, when: string): string {
 }
 
 function hostReplayText(r: HostReplayJson, when: string): string {
-  const out = [`host ${r.hostId} at ${when} (${asOf(r.host)})`];
+  const out = [`host ${r.hostId} (${r.host.context.inventory?.board ?? 'unknown board'}) at ${when}`];
   out.push(
     r.activePartitions.length
       ? `active partitions: ${r.activePartitions.map((p) => `${p.partitionId} (${p.state}, ${p.vmId ?? 'no VM'}, modules ${p.modules.join(',')})`).join('; ')}`

@@ -17,6 +17,7 @@ import { parsePciAddress } from './pci.ts';
 import { Qemu, LOG_NAME, PIDFILE_NAME, QMP_SOCKET_NAME } from './qemu.ts';
 import { MAX_UNIX_SOCKET_PATH_BYTES } from './qmp.ts';
 import { Sysfs } from './sysfs.ts';
+import { HOST_ID_PATTERN } from '../config.ts';
 
 export const BOARDS = ['B200', 'B300', 'H100', 'H200'] as const;
 export type Board = (typeof BOARDS)[number];
@@ -104,7 +105,6 @@ export class HostConfigError extends Error {
 }
 
 // ── schema ───────────────────────────────────────────────────────────────────
-const HOST_ID_PATTERN = /^[a-z0-9][a-z0-9-]{0,62}$/;
 const DRIVER_VERSION_PATTERN = /^\d+\.\d+(\.\d+)?$/;
 
 const absolutePath = z
