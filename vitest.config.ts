@@ -1,8 +1,15 @@
 import { defineConfig } from 'vitest/config';
 
+/**
+ * Test files that never open a database (adapters, simulators, machines, stored histories). With
+ * DATABASE_URL set, the run is about the Postgres path, so they are left to the embedded run.
+ */
+const DATABASE_FREE = ['doctor', 'fmpm', 'history-fixtures', 'host-config', 'machines', 'nvidia-smi', 'qemu', 'qmp', 'sim-host', 'sysfs'];
+
 export default defineConfig({
   test: {
     include: ['test/**/*.test.ts'],
+    exclude: process.env.DATABASE_URL ? DATABASE_FREE.map((name) => `test/${name}.test.ts`) : [],
     testTimeout: 60_000,
     hookTimeout: 60_000,
     // Tests that share the local Postgres or spawn QEMU run one file at a time on 2 cores.

@@ -17,7 +17,7 @@ import {
   type VmContext,
 } from '../../machines/index.ts';
 import { GpuvmError, notFound } from '../errors.ts';
-import { toStoredEvent, type Executor, type StoredEvent } from '../store/events.ts';
+import { readStreams, type Executor, type StoredEvent } from '../store/events.ts';
 import type { StreamSnapshot } from '../store/projections.ts';
 import type { Database } from '../store/schema.ts';
 import { fold } from './decide.ts';
@@ -94,36 +94,6 @@ export function happenedBy(e: StoredEvent, at: ReplayPoint): boolean {
   if (at.time && e.recordedAt.getTime() > at.time.getTime()) return false;
   if (at.position !== undefined && BigInt(e.position) > BigInt(at.position)) return false;
   return true;
-}
-
-/** Every stored event of these streams, grouped by stream, in version order. */
-async function readStreams(db: Executor, streamIds: string[]): Promise<Map<string, StoredEvent[]>> {
-  const byStream = new Map<string, StoredEvent[]>(streamIds.map((id) => [id, []]));
-  if (streamIds.length === 0) return byStream;
-  const rows = await db
-    .selectFrom('events')
-    .select([
-      sql<string>`position::text`.as('position'),
-      'stream_id',
-      'stream_version',
-      'type',
-      'data',
-      'state_before',
-      'state_after',
-      'machine',
-      'machine_version',
-      'causation_id',
-      'correlation_id',
-      'actor',
-      'recorded_at',
-      sql<string>`tx_id::text`.as('tx_id'),
-    ])
-    .where('stream_id', 'in', streamIds)
-    .orderBy('stream_id')
-    .orderBy('stream_version')
-    .execute();
-  for (const r of rows) byStream.get(r.stream_id)!.push(toStoredEvent(r as Parameters<typeof toStoredEvent>[0]));
-  return byStream;
 }
 
 function foldUpTo(streamId: string, events: StoredEvent[], at: ReplayPoint): { snap: StreamSnapshot; last: StoredEvent; folded: StoredEvent[] } | null {

@@ -10,9 +10,9 @@
  *    partition returned.
  * Each problem names the stream and the event (version, position, type) where it shows.
  */
-import { sql, type Kysely } from 'kysely';
+import type { Kysely } from 'kysely';
 import { machines, partitionHoldsClaim, partitionStream, streamKind, type PartitionContext, type StreamKind, type VmContext } from '../../machines/index.ts';
-import { LOG_START, readLog, toStoredEvent, type Executor, type StoredEvent } from '../store/events.ts';
+import { LOG_START, readLog, readStreams, type Executor, type StoredEvent } from '../store/events.ts';
 import type { StreamSnapshot } from '../store/projections.ts';
 import type { Database } from '../store/schema.ts';
 import { effectId } from './commands.ts';
@@ -219,39 +219,6 @@ function stepOf(s: StreamSnapshot): Step {
   return { streamId: s.streamId, kind: s.kind, version: s.version, state: s.state, hostId: String(s.context.hostId), vmId: null, partitionId: -1, modules: [] };
 }
 
-async function readAllStreams(db: Executor): Promise<Map<string, StoredEvent[]>> {
-  const rows = await db
-    .selectFrom('events')
-    .select([
-      sql<string>`position::text`.as('position'),
-      'stream_id',
-      'stream_version',
-      'type',
-      'data',
-      'state_before',
-      'state_after',
-      'machine',
-      'machine_version',
-      'causation_id',
-      'correlation_id',
-      'actor',
-      'recorded_at',
-      sql<string>`tx_id::text`.as('tx_id'),
-    ])
-    .orderBy('stream_id')
-    .orderBy('stream_version')
-    .orderBy('position')
-    .execute();
-  const byStream = new Map<string, StoredEvent[]>();
-  for (const r of rows) {
-    const e = toStoredEvent(r as Parameters<typeof toStoredEvent>[0]);
-    let list = byStream.get(e.streamId);
-    if (!list) byStream.set(e.streamId, (list = []));
-    list.push(e);
-  }
-  return byStream;
-}
-
 /** VM states in which its QEMU may be alive: its partition must stay active under it. */
 const QEMU_MAY_LIVE = ['starting', 'running', 'stopping', 'terminating'];
 
@@ -386,7 +353,7 @@ export async function verifyHistory(db: Kysely<Database>): Promise<VerifyReport>
     .setIsolationLevel('repeatable read')
     .setAccessMode('read only')
     .execute(async (tx) => {
-      const byStream = await readAllStreams(tx);
+      const byStream = await readStreams(tx);
       const effectRows = await tx.selectFrom('effects').select(['id', 'stream_id', 'type', 'params']).execute();
       const effects = new Map(effectRows.map((r) => [r.id, { type: r.type, params: r.params }]));
 

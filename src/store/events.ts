@@ -160,6 +160,25 @@ export async function readStream(db: Executor, streamId: string, opts: { toVersi
   return rows.map((r) => toStoredEvent(r as EventRow));
 }
 
+/**
+ * Events grouped by stream, each list in version order: of the named streams (each present, maybe
+ * empty), or of every stream when `streamIds` is omitted.
+ */
+export async function readStreams(db: Executor, streamIds?: string[]): Promise<Map<string, StoredEvent[]>> {
+  const byStream = new Map<string, StoredEvent[]>((streamIds ?? []).map((id) => [id, []]));
+  if (streamIds?.length === 0) return byStream;
+  let q = db.selectFrom('events').select(eventColumns);
+  if (streamIds) q = q.where('stream_id', 'in', streamIds);
+  const rows = await q.orderBy('stream_id').orderBy('stream_version').orderBy('position').execute();
+  for (const r of rows) {
+    const e = toStoredEvent(r as EventRow);
+    let list = byStream.get(e.streamId);
+    if (!list) byStream.set(e.streamId, (list = []));
+    list.push(e);
+  }
+  return byStream;
+}
+
 export async function readCorrelated(db: Executor, correlationId: string): Promise<StoredEvent[]> {
   const rows = await db
     .selectFrom('events')
