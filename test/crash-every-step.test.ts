@@ -79,7 +79,10 @@ async function vmByName(name: string): Promise<any | null> {
   return body.vms.find((v: { name: string }) => v.name === name) ?? null;
 }
 
-async function walkLifecycle(name: string, opts: { gpus: number; fault?: Record<string, unknown>; expectEnd: string }): Promise<{ walk: Walk; points: string[]; vm: any }> {
+async function walkLifecycle(
+  name: string,
+  opts: { gpus: number; fault?: Record<string, unknown>; expectEnd: string; killQemu?: boolean },
+): Promise<{ walk: Walk; points: string[]; vm: any }> {
   const dataDir = tempDir();
   dirs.push(dataDir);
   const db = await freshDatabaseUrl();
@@ -97,10 +100,16 @@ async function walkLifecycle(name: string, opts: { gpus: number; fault?: Record<
   }, 'create');
   const settled = opts.expectEnd === 'failed' ? ['failed'] : ['running'];
   await drive(walk, async () => settled.includes((await vmByName(name))?.state), 'provisioning');
+  if (opts.killQemu) {
+    // QEMU dies on its own (kill -9 from outside); the service notices, and may die on the way too.
+    const running = await vmByName(name);
+    process.kill(running.qemu_pid, 'SIGKILL');
+    await drive(walk, async () => (await vmByName(name))?.state === 'crashed', 'crash handling');
+  }
   await drive(walk, async () => {
     const vm = await vmByName(name);
     if (vm.state === 'deleted') return true;
-    if (!['stopping', 'terminating', 'releasing'].includes(vm.state)) await http(child!.url, 'DELETE', `/v1/vms/${vm.id}`);
+    if (['running', 'failed', 'crashed'].includes(vm.state)) await http(child!.url, 'DELETE', `/v1/vms/${vm.id}`);
     return false;
   }, 'delete');
   const vm = await vmByName(name);
@@ -155,6 +164,20 @@ describe.runIf(usingPostgres)('crash at every step (postgres)', () => {
     const history = (await http(child!.url, 'GET', `/v1/vms/${vm.id}/history`)).body;
     expect(history.events.filter((e: { stream: string }) => e.stream === `vm:${vm.id}`).map((e: { to: string }) => e.to)).toEqual(['provisioning', 'failed', 'deleted']);
     expect(points).toContain('event:EFFECT_FAILED:before-commit');
+    await expectHostAtRest(walk.dataDir);
+    await child!.kill();
+  }, 900_000);
+
+  it('dies at every named point of a QEMU crash and still ends crashed, then deleted, with everything returned', async () => {
+    const { walk, points, vm } = await walkLifecycle('walk-crash', { gpus: 1, killQemu: true, expectEnd: 'deleted' });
+    console.log(`crash-every-step: ${points.length} crash points exercised over ${walk.restarts} restarts (QEMU dies on its own)`);
+    expect(vm.state).toBe('deleted');
+    const history = (await http(child!.url, 'GET', `/v1/vms/${vm.id}/history`)).body;
+    expect(history.events.filter((e: { stream: string }) => e.stream === `vm:${vm.id}`).map((e: { to: string }) => e.to)).toEqual([
+      'provisioning', 'starting', 'running', 'releasing', 'crashed', 'deleted',
+    ]);
+    expect(points).toContain('event:QEMU_EXITED:before-commit');
+    expect(points).toContain('event:QEMU_EXITED:after-commit');
     await expectHostAtRest(walk.dataDir);
     await child!.kill();
   }, 900_000);
