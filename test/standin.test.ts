@@ -2,21 +2,22 @@
  * Without qemu-system-x86_64 on PATH, gpuvm says so at start and runs VMs with the QMP stand-in,
  * through the same QEMU adapter.
  */
-import { mkdtempSync, symlinkSync } from 'node:fs';
+import { mkdtempSync, rmSync, symlinkSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { startTestService, usingPostgres, waitUntil, type TestService } from './support/env.ts';
 
 let t: TestService;
+let pathDir = '';
 
 describe(`simulated host without QEMU installed (${usingPostgres ? 'postgres' : 'pglite'})`, () => {
   beforeAll(async () => {
     // A PATH that has node (the simulated tools run on it) and no qemu-system-x86_64.
     const path = process.env.PATH;
-    const bin = mkdtempSync(join(tmpdir(), 'gpuvm-path-'));
-    symlinkSync(process.execPath, join(bin, 'node'));
-    process.env.PATH = bin;
+    pathDir = mkdtempSync(join(tmpdir(), 'gpuvm-path-'));
+    symlinkSync(process.execPath, join(pathDir, 'node'));
+    process.env.PATH = pathDir;
     try {
       t = await startTestService();
     } finally {
@@ -25,6 +26,7 @@ describe(`simulated host without QEMU installed (${usingPostgres ? 'postgres' : 
   });
   afterAll(async () => {
     await t?.cleanup();
+    if (pathDir) rmSync(pathDir, { recursive: true, force: true });
   });
 
   it('says it uses the stand-in and runs a full lifecycle with it', async () => {
