@@ -22,6 +22,14 @@
  * Fabric Manager does not hide a partition that keeps failing: a partition whose cycles failed twice
  * in a row ends `quarantined` instead of `free`, and is not placed on until an operator clears it.
  *
+ * Drift (src/engine/reconcile.ts): when the host shows what the log says cannot be — this partition
+ * active in `fmpm -l` while no VM holds it, or its GPUs on vfio-pci or on no driver — the partition
+ * takes its GPUs' claims and repairs the host in the safe direction:
+ *   free | quarantined ──DRIFT_DETECTED──▶ repairing [repairPartition]   once no stray QEMU lives: GPUs
+ *        back to the host driver, fmpm -d, confirmed by fmpm -l
+ *   repairing ──REPAIRED──▶ free (or back to quarantined)
+ *            ──EFFECT_FAILED──▶ unrepaired     claims kept; the reconciler tries again on its next pass
+ *
  * Pure: no I/O, no clock, no randomness. Effects are named actions with params.
  */
 import { assign, setup } from 'xstate';
@@ -46,6 +54,8 @@ export interface PartitionContext {
   cycle: number;
   /** Cycles in a row that ended in a failure; reset by a good cycle or by an operator. */
   consecutiveFailures: number;
+  /** The drift being repaired, null otherwise. */
+  drift?: { kind: PartitionDrift; detail: string; strayQemu: string[] } | null;
 }
 
 /** Failed cycles in a row after which a partition is quarantined. */
@@ -63,7 +73,18 @@ export type PartitionEvent =
   | { type: 'DEACTIVATED'; outcome: 'deactivated' | 'already-inactive' }
   | { type: 'CONFIRMED_INACTIVE' }
   | { type: 'EFFECT_FAILED'; effect: string; error: string }
-  | { type: 'CLEAR_QUARANTINE'; by: string };
+  | { type: 'CLEAR_QUARANTINE'; by: string }
+  | { type: 'DRIFT_DETECTED'; drift: PartitionDrift; detail: string; strayQemu: string[] }
+  | { type: 'REPAIRED'; actions: string[] };
+
+/** What the reconciler saw on the host that the log says cannot be. */
+export type PartitionDrift =
+  /** `fmpm -l` shows the partition active; no VM holds it. */
+  | 'active-without-owner'
+  /** One of its GPUs is on vfio-pci, or on no driver, while no VM holds it. */
+  | 'gpu-off-host-driver'
+  /** A repair failed earlier; the reconciler tries again. */
+  | 'repair-retry';
 
 /** Params every partition effect carries: enough for a handler to act without reading the log. */
 export interface PartitionEffectParams {
@@ -71,6 +92,15 @@ export interface PartitionEffectParams {
   partitionId: number;
   vmId: string;
   gpus: PartitionGpu[];
+}
+
+/** A drift repair: the partition's GPUs, and the stray QEMU processes to wait for before touching them. */
+export interface RepairParams {
+  hostId: string;
+  partitionId: number;
+  gpus: PartitionGpu[];
+  strayQemu: string[];
+  drift: PartitionDrift;
 }
 
 export type VmNotice = 'PARTITION_READY' | 'PARTITION_RELEASED' | 'PARTITION_FAILED';
@@ -104,12 +134,16 @@ export const partitionMachine = setup({
     deactivatePartition: (_, _params: PartitionEffectParams) => {},
     confirmInactive: (_, _params: PartitionEffectParams) => {},
     notifyVm: (_, _params: PartitionEffectParams & { notice: VmNotice; reason: string | null }) => {},
+    repairPartition: (_, _params: RepairParams) => {},
     rememberRelease: assign({ releaseRequested: true }),
     endCycle: assign(({ context }) => ({
       vmId: null,
       releaseRequested: false,
       consecutiveFailures: context.failure ? context.consecutiveFailures + 1 : 0,
     })),
+    recordDrift: assign({
+      drift: ({ event }) => (event.type === 'DRIFT_DETECTED' ? { kind: event.drift, detail: event.detail, strayQemu: event.strayQemu } : null),
+    }),
     recordFailure: assign({
       failure: ({ event }) => (event.type === 'EFFECT_FAILED' ? `${event.effect}: ${event.error}` : null),
     }),
@@ -118,6 +152,8 @@ export const partitionMachine = setup({
     releaseRequested: ({ context }) => context.releaseRequested,
     claimantIsHolder: ({ context, event }) => event.type === 'RELEASE' && event.vmId === context.vmId,
     failedTooOften: ({ context }) => context.failure !== null && context.consecutiveFailures + 1 >= PARTITION_FAILURES_BEFORE_QUARANTINE,
+    // Quarantine is only ever left through CLEAR_QUARANTINE, which resets the count.
+    wasQuarantined: ({ context }) => context.consecutiveFailures >= PARTITION_FAILURES_BEFORE_QUARANTINE,
   },
 }).createMachine({
   id: 'partition',
@@ -148,6 +184,7 @@ export const partitionMachine = setup({
             cycle: context.cycle + 1,
           })),
         },
+        DRIFT_DETECTED: { target: 'repairing', actions: 'recordDrift' },
       },
     },
 
@@ -228,6 +265,34 @@ export const partitionMachine = setup({
     quarantined: {
       on: {
         CLEAR_QUARANTINE: { target: 'free', actions: assign({ consecutiveFailures: 0, failure: null }) },
+        DRIFT_DETECTED: { target: 'repairing', actions: 'recordDrift' },
+      },
+    },
+
+    // ── drift repair: no VM involved; the claims keep placement off these GPUs meanwhile ──
+    repairing: {
+      entry: {
+        type: 'repairPartition',
+        params: ({ context }) => ({
+          hostId: context.hostId,
+          partitionId: context.partitionId,
+          gpus: context.gpus,
+          strayQemu: context.drift?.strayQemu ?? [],
+          drift: context.drift?.kind ?? ('repair-retry' as const),
+        }),
+      },
+      on: {
+        REPAIRED: [
+          { guard: 'wasQuarantined', target: 'quarantined', actions: assign({ drift: null }) },
+          { target: 'free', actions: assign({ drift: null, failure: null }) },
+        ],
+        EFFECT_FAILED: { target: 'unrepaired', actions: 'recordFailure' },
+      },
+    },
+    /** A repair failed for good: the claims stay so nothing is placed on a host in an unknown state. */
+    unrepaired: {
+      on: {
+        DRIFT_DETECTED: { target: 'repairing', actions: 'recordDrift' },
       },
     },
 

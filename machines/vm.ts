@@ -240,3 +240,16 @@ export const vmMachine = setup({
 
 /** Commands an operator (API/CLI) may send; everything else is delivered by effects. */
 export const VM_COMMANDS = ['DELETE'] as const;
+
+/** VM states in which its QEMU may be alive: being started, running, or being stopped. */
+export function qemuMayLive(state: string): boolean {
+  return state === 'starting' || state === 'running' || state === 'stopping' || state === 'terminating';
+}
+
+/**
+ * VM states past the end of its QEMU (states never lead back to `starting`): a QEMU still alive for
+ * such a VM, or for a VM the log does not know, belongs to nobody.
+ */
+export function qemuHasEnded(state: string): boolean {
+  return state === 'releasing' || state === 'failed' || state === 'crashed' || state === 'deleted';
+}

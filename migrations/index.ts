@@ -2,8 +2,10 @@
 import type { Migration } from 'kysely';
 import * as initial from './0001_initial.ts';
 import * as quarantine from './0002_quarantine.ts';
+import * as driftRepair from './0003_drift_repair.ts';
 
 export const migrations: Record<string, Migration> = {
   '0001_initial': initial,
   '0002_quarantine': quarantine,
+  '0003_drift_repair': driftRepair,
 };

@@ -21,6 +21,7 @@
  * | monitorIntervalMs     | GPUVM_MONITOR_INTERVAL_MS   | 500                              |
  * | healthIntervalMs      | GPUVM_HEALTH_INTERVAL_MS    | 10000 (Xid lines, fabric state)  |
  * | fabricManagerCheckMs  | GPUVM_FM_CHECK_MS           | 5000 (answers a restarted FM within its 60 s window) |
+ * | reconcileIntervalMs   | GPUVM_RECONCILE_INTERVAL_MS | 30000 (log vs host; also once at start) |
  * | qemuBin               | GPUVM_QEMU                  | qemu-system-x86_64 on PATH, else the QMP stand-in |
  * | bindTimeoutMs         | GPUVM_BIND_TIMEOUT_MS       | 10000                            |
  * | toolTimeoutMs         | GPUVM_TOOL_TIMEOUT_MS       | 30000 (fmpm, nvidia-smi)         |
@@ -48,6 +49,7 @@ export interface Config {
   monitorIntervalMs: number;
   healthIntervalMs: number;
   fabricManagerCheckMs: number;
+  reconcileIntervalMs: number;
   qemuBin: string | undefined;
   bindTimeoutMs: number;
   toolTimeoutMs: number;
@@ -77,6 +79,7 @@ const schema = z.object({
   monitorIntervalMs: int(10, 600_000),
   healthIntervalMs: int(10, 3_600_000),
   fabricManagerCheckMs: int(10, 50_000),
+  reconcileIntervalMs: int(10, 86_400_000),
   qemuBin: z.string().min(1).optional(),
   bindTimeoutMs: int(10, 600_000),
   toolTimeoutMs: int(10, 600_000),
@@ -106,6 +109,7 @@ export function loadConfig(overrides: Partial<Record<keyof Config, unknown>> = {
     monitorIntervalMs: env.GPUVM_MONITOR_INTERVAL_MS ?? 500,
     healthIntervalMs: env.GPUVM_HEALTH_INTERVAL_MS ?? 10_000,
     fabricManagerCheckMs: env.GPUVM_FM_CHECK_MS ?? 5000,
+    reconcileIntervalMs: env.GPUVM_RECONCILE_INTERVAL_MS ?? 30_000,
     qemuBin: env.GPUVM_QEMU || undefined,
     bindTimeoutMs: env.GPUVM_BIND_TIMEOUT_MS ?? 10_000,
     toolTimeoutMs: env.GPUVM_TOOL_TIMEOUT_MS ?? 30_000,

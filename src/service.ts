@@ -10,6 +10,7 @@ import type { EffectPolicy } from './engine/commands.ts';
 import { createHandlers } from './engine/handlers.ts';
 import { registerHost } from './engine/hosts.ts';
 import { QemuMonitor } from './engine/monitor.ts';
+import { Reconciler } from './engine/reconcile.ts';
 import { HealthMonitor } from './engine/health.ts';
 import { HOST_FILES } from './host/doctor.ts';
 import { FabricManagerGuard } from './engine/fabric-manager.ts';
@@ -29,6 +30,7 @@ export interface Service {
   monitor: QemuMonitor;
   health: HealthMonitor;
   fabricManager: FabricManagerGuard;
+  reconciler: Reconciler;
   api: FastifyInstance;
   /** The API's base URL, e.g. http://127.0.0.1:7070 */
   url: string;
@@ -95,6 +97,13 @@ export async function startService(config: Config, opts: StartOptions = {}): Pro
     monitor.start();
     const health = new HealthMonitor(db.kysely, host, policy, { intervalMs: config.healthIntervalMs, kernelLog: join(host.fsRoot, HOST_FILES.kernelLog), log });
     health.start();
+    const reconciler = new Reconciler(db.kysely, host, policy, {
+      intervalMs: config.reconcileIntervalMs,
+      log,
+      monitor,
+      fabricManagerWaiting: () => fabricManager.kick(),
+    });
+    reconciler.start();
 
     const api = await buildApi({
       vms,
@@ -123,6 +132,7 @@ export async function startService(config: Config, opts: StartOptions = {}): Pro
       monitor,
       health,
       fabricManager,
+      reconciler,
       api,
       url: address,
       log,
@@ -130,6 +140,7 @@ export async function startService(config: Config, opts: StartOptions = {}): Pro
         if (stopped) return;
         stopped = true;
         await api.close();
+        await reconciler.stop();
         await monitor.stop();
         await health.stop();
         await fabricManager.stop();

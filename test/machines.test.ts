@@ -125,6 +125,44 @@ describe('partition quarantine', () => {
   });
 });
 
+describe('partition drift repair', () => {
+  const drift = (kind: string): MachineEvent => ({ type: 'DRIFT_DETECTED', drift: kind, detail: 'seen on the host', strayQemu: ['vm-stray00001'] });
+  const failCycle: MachineEvent[] = [
+    { type: 'CLAIM', vmId: 'vm-1' }, { type: 'GPUS_READY' }, { type: 'EFFECT_FAILED', effect: 'activatePartition', error: 'x' },
+    { type: 'BOUND_HOST' }, { type: 'DEACTIVATED', outcome: 'already-inactive' }, { type: 'CONFIRMED_INACTIVE' },
+  ];
+
+  it('repairs a free partition with one effect, holding its claims, and returns it free', () => {
+    const r = run('partition:h:4', [register, drift('active-without-owner'), { type: 'REPAIRED', actions: ['fmpm -d 4'] }]);
+    expect(r.states).toEqual(['free', 'repairing', 'free']);
+    const d = decide('partition:h:4', run('partition:h:4', [register]).snap, drift('active-without-owner'));
+    expect(d.kind === 'changed' && d.effects).toEqual([
+      { type: 'repairPartition', params: { hostId: 'h', partitionId: 4, gpus, strayQemu: ['vm-stray00001'], drift: 'active-without-owner' } },
+    ]);
+    // While repairing, no VM can claim it.
+    expect(decide('partition:h:4', run('partition:h:4', [register, drift('active-without-owner')]).snap, { type: 'CLAIM', vmId: 'vm-2' }).kind).toBe('rejected');
+  });
+
+  it('returns a quarantined partition to quarantine after its repair', () => {
+    const r = run('partition:h:4', [register, ...failCycle, ...failCycle, drift('active-without-owner'), { type: 'REPAIRED', actions: [] }]);
+    expect(r.states.slice(-3)).toEqual(['quarantined', 'repairing', 'quarantined']);
+  });
+
+  it('keeps the claims of a failed repair and tries again on the next drift', () => {
+    const r = run('partition:h:4', [register, drift('gpu-off-host-driver'), { type: 'EFFECT_FAILED', effect: 'repairPartition', error: 'EBUSY' }]);
+    expect(r.snap.state).toBe('unrepaired');
+    expect(decide('partition:h:4', r.snap, { type: 'CLAIM', vmId: 'vm-2' }).kind).toBe('rejected');
+    const again = run('partition:h:4', [register, drift('gpu-off-host-driver'), { type: 'EFFECT_FAILED', effect: 'repairPartition', error: 'EBUSY' }, drift('repair-retry'), { type: 'REPAIRED', actions: [] }]);
+    expect(again.states.slice(-2)).toEqual(['repairing', 'free']);
+    expect(again.snap.context.failure).toBeNull();
+  });
+
+  it('refuses drift on a partition a VM holds: its own steps observe the host', () => {
+    const held = run('partition:h:4', [register, { type: 'CLAIM', vmId: 'vm-1' }]);
+    expect(decide('partition:h:4', held.snap, drift('active-without-owner')).kind).toBe('rejected');
+  });
+});
+
 describe('host machine', () => {
   const reg: MachineEvent = { type: 'REGISTER', hostId: 'h', simulated: true, inventory: { board: 'B200', gpus: [], partitions: [] } };
   const bad: MachineEvent = { type: 'GPU_UNHEALTHY', moduleId: 3, pciAddress: '0000:17:00.0', source: 'xid', reason: 'Xid 79' };
@@ -134,5 +172,15 @@ describe('host machine', () => {
     expect(decide('host:h', r.snap, bad).kind).toBe('rejected');
     expect(run('host:h', [reg, bad, { type: 'CLEAR_QUARANTINE', moduleId: 3, by: 'op' }]).snap.context.quarantinedModules).toEqual({});
     expect(decide('host:h', run('host:h', [reg]).snap, { type: 'CLEAR_QUARANTINE', moduleId: null, by: 'op' }).kind).toBe('rejected');
+  });
+
+  it('stops a QEMU that belongs to no VM, and only records drift it cannot repair', () => {
+    const stray: MachineEvent = { type: 'DRIFT_DETECTED', drift: 'qemu-without-vm', detail: 'QEMU pid 7', vmId: 'vm-stray00001', partitionId: null };
+    const d = decide('host:h', run('host:h', [reg]).snap, stray);
+    expect(d.kind === 'changed' && d.effects).toEqual([{ type: 'stopStrayQemu', params: { hostId: 'h', vmId: 'vm-stray00001' } }]);
+    const report: MachineEvent = { type: 'DRIFT_DETECTED', drift: 'partition-inactive-under-vm', detail: 'partition 4', vmId: null, partitionId: 4 };
+    const r = decide('host:h', run('host:h', [reg]).snap, report);
+    expect(r.kind === 'changed' && r.effects).toEqual([]);
+    expect(run('host:h', [reg, stray, report]).snap.context.driftsDetected).toBe(2);
   });
 });

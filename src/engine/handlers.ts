@@ -3,7 +3,17 @@
  * already active? is the GPU already on vfio-pci? is this VM's QEMU already up?), so running it
  * again after a crash is safe, and reports its outcome as an event for a stream.
  */
-import { partitionStream, vmStream, type PartitionEffectParams, type StartQemuParams, type VmEffectParams, type VmNotice } from '../../machines/index.ts';
+import {
+  hostStream,
+  partitionStream,
+  vmStream,
+  type PartitionEffectParams,
+  type RepairParams,
+  type StartQemuParams,
+  type StopStrayQemuParams,
+  type VmEffectParams,
+  type VmNotice,
+} from '../../machines/index.ts';
 import type { HostAdapters } from '../host/host.ts';
 import type { MachineEvent } from './decide.ts';
 import { isWaitingForActivatedList } from './fabric-manager.ts';
@@ -22,7 +32,7 @@ class RefusedError extends Error {
 const toVm = (p: { vmId: string }, event: MachineEvent): EffectOutcome => ({
   deliver: { streamId: vmStream(p.vmId), event },
 });
-const toPartition = (p: PartitionEffectParams, event: MachineEvent): EffectOutcome => ({
+const toPartition = (p: { hostId: string; partitionId: number }, event: MachineEvent): EffectOutcome => ({
   deliver: { streamId: partitionStream(p.hostId, p.partitionId), event },
 });
 
@@ -109,6 +119,34 @@ export function createHandlers(host: HostAdapters, hooks: HandlerHooks = {}): Ef
     async notifyVm(p: PartitionEffectParams & { notice: VmNotice; reason: string | null }) {
       const event = p.notice === 'PARTITION_FAILED' ? { type: p.notice, reason: p.reason ?? 'unknown' } : { type: p.notice };
       return toVm(p, event);
+    },
+
+    /** Drift repair, in the safe direction and in the release order: no stray QEMU, GPUs home, fmpm -d. */
+    async repairPartition(p: RepairParams) {
+      for (const vmId of p.strayQemu) {
+        const status = await host.qemu.status(vmId);
+        if (status.running) throw new NotYetError(`stray QEMU of ${vmId} (pid ${status.pid}) still runs; repair of partition ${p.partitionId} waits for it to be stopped`);
+      }
+      const actions: string[] = [];
+      for (const gpu of p.gpus) {
+        const driver = await host.sysfs.driverOf(gpu.pciAddress);
+        if (driver === host.hostDriver) continue;
+        await host.sysfs.bindGroupToHost(gpu.pciAddress, host.hostDriver);
+        actions.push(`GPU ${gpu.pciAddress} (module ${gpu.moduleId}) ${driver ?? 'no driver'} → ${host.hostDriver}`);
+      }
+      if (await fm(() => host.fmpm.isActive(p.partitionId))) {
+        await fm(() => host.fmpm.deactivate(p.partitionId));
+        actions.push(`fmpm -d ${p.partitionId}`);
+      }
+      if (await fm(() => host.fmpm.isActive(p.partitionId))) throw new NotYetError(`fmpm -l still shows partition ${p.partitionId} active after the repair`);
+      return toPartition(p, { type: 'REPAIRED', actions });
+    },
+
+    // ── host ─────────────────────────────────────────────────────────────────
+    async stopStrayQemu(p: StopStrayQemuParams) {
+      const how = await host.qemu.terminate(p.vmId);
+      await host.qemu.cleanup(p.vmId);
+      return { deliver: { streamId: hostStream(p.hostId), event: { type: 'STRAY_QEMU_STOPPED', vmId: p.vmId, how } } };
     },
 
     // ── vm ───────────────────────────────────────────────────────────────────

@@ -11,7 +11,7 @@
  * Each problem names the stream and the event (version, position, type) where it shows.
  */
 import type { Kysely } from 'kysely';
-import { machines, partitionHoldsClaim, partitionStream, streamKind, type PartitionContext, type StreamKind, type VmContext } from '../../machines/index.ts';
+import { machines, partitionHoldsClaim, partitionStream, qemuMayLive, streamKind, type PartitionContext, type StreamKind, type VmContext } from '../../machines/index.ts';
 import { LOG_START, readLog, readStreams, type Executor, type StoredEvent } from '../store/events.ts';
 import type { StreamSnapshot } from '../store/projections.ts';
 import type { Database } from '../store/schema.ts';
@@ -219,8 +219,9 @@ function stepOf(s: StreamSnapshot): Step {
   return { streamId: s.streamId, kind: s.kind, version: s.version, state: s.state, hostId: String(s.context.hostId), vmId: null, partitionId: -1, modules: [] };
 }
 
-/** VM states in which its QEMU may be alive: its partition must stay active under it. */
-const QEMU_MAY_LIVE = ['starting', 'running', 'stopping', 'terminating'];
+/** Who a partition's claim is for: a VM, or a drift repair (no VM). */
+const claimant = (vmId: string | null) => (vmId ? `for VM ${vmId}` : 'for a drift repair');
+
 
 /** Walks the global log in commit-safe order with each event's replayed step; checks the invariants. */
 async function checkInvariants(db: Executor, steps: ReadonlyMap<string, Step>, lastEvent: (streamId: string) => EventRef | null): Promise<HistoryProblem[]> {
@@ -249,8 +250,8 @@ async function checkInvariants(db: Executor, steps: ReadonlyMap<string, Step>, l
       current.set(step.streamId, step);
 
       if (step.kind === 'partition') {
-        const holds = partitionHoldsClaim(step.state) && step.vmId !== null;
-        const held = previous !== undefined && partitionHoldsClaim(previous.state) && previous.vmId !== null;
+        const holds = partitionHoldsClaim(step.state);
+        const held = previous !== undefined && partitionHoldsClaim(previous.state);
         for (const m of holds === held ? [] : step.modules) {
           const key = `${step.hostId}/${m}`;
           const holder = holders.get(key);
@@ -261,14 +262,15 @@ async function checkInvariants(db: Executor, steps: ReadonlyMap<string, Step>, l
                 code: 'module-claimed-twice',
                 streamId: step.streamId,
                 event: ref(e),
-                message: `GPU module ${m} on host ${step.hostId} claimed for VM ${step.vmId} while ${holder} (${other?.state}, VM ${other?.vmId}) still holds it`,
+                message: `GPU module ${m} on host ${step.hostId} claimed ${claimant(step.vmId)} while ${holder} (${other?.state}, ${claimant(other?.vmId ?? null)}) still holds it`,
               });
             } else holders.set(key, step.streamId);
           } else if (holder === step.streamId) holders.delete(key);
         }
         if (e.type === 'DEACTIVATED' && step.vmId) {
           const vm = current.get(`vm:${step.vmId}`);
-          if (vm && QEMU_MAY_LIVE.includes(vm.state)) {
+          // A VM whose QEMU may be alive needs its partition active under it.
+          if (vm && qemuMayLive(vm.state)) {
             problems.push({
               code: 'deactivated-under-live-vm',
               streamId: step.streamId,

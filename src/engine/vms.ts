@@ -6,8 +6,8 @@ import { randomBytes, randomUUID } from 'node:crypto';
 import { sql, type Kysely } from 'kysely';
 import { partitionStream, vmStream, type VmContext } from '../../machines/index.ts';
 import { badRequest, conflict, notFound } from '../errors.ts';
-import { readCorrelated, type Executor, type StoredEvent } from '../store/events.ts';
-import type { VmRow } from '../store/projections.ts';
+import { isUniqueViolation, readCorrelated, type Executor, type StoredEvent } from '../store/events.ts';
+import { isClaimConflict, type VmRow } from '../store/projections.ts';
 import type { Database } from '../store/schema.ts';
 import { applyEvent, inTransaction, loadSnapshot, type EffectPolicy } from './commands.ts';
 import { choosePartition, GPU_COUNTS } from './placement.ts';
@@ -36,11 +36,6 @@ function newVmId(): string {
 
 /** The chosen partition was taken between reading the table and claiming it. */
 class PlacementRace extends Error {}
-
-function isUniqueViolation(err: unknown, constraint: string): boolean {
-  const e = err as { code?: string; constraint?: string };
-  return e?.code === '23505' && e.constraint === constraint;
-}
 
 export class VmService {
   constructor(
@@ -115,7 +110,7 @@ export class VmService {
         crashPoint('event:CREATE:after-commit');
         return vm;
       } catch (err) {
-        if (err instanceof PlacementRace || isUniqueViolation(err, 'gpu_claims_pkey')) continue;
+        if (err instanceof PlacementRace || isClaimConflict(err)) continue;
         if (isUniqueViolation(err, 'vms_live_name')) throw conflict('name-taken', `a VM named ${JSON.stringify(name)} already exists`);
         throw err;
       }

@@ -11,7 +11,7 @@
  * 1 because 0 is the pcie-root-port default and means "unset" to some guests.
  */
 import { constants as fsConstants, openSync, closeSync } from 'node:fs';
-import { access, mkdir, readFile, rm, unlink, writeFile } from 'node:fs/promises';
+import { access, mkdir, readdir, readFile, rm, unlink, writeFile } from 'node:fs/promises';
 import { delimiter, isAbsolute, join, resolve } from 'node:path';
 import { spawn, type ChildProcess } from 'node:child_process';
 import { execa } from 'execa';
@@ -533,6 +533,23 @@ export class Qemu {
       }
     }
     return status;
+  }
+
+  /** Every live QEMU under the run folder, by VM id: what the host runs, whatever the log says. */
+  async running(): Promise<{ vmId: string; pid: number }[]> {
+    let names: string[];
+    try {
+      names = await readdir(this.#opts.runRoot);
+    } catch (err) {
+      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return [];
+      throw err;
+    }
+    const live: { vmId: string; pid: number }[] = [];
+    for (const vmId of names.filter((n) => VM_ID_PATTERN.test(n)).sort()) {
+      const proc = await this.#live(vmId);
+      if (proc) live.push({ vmId, pid: proc.pid });
+    }
+    return live;
   }
 
   /** A negotiated QMP connection to a running VM; the caller closes it. */

@@ -48,17 +48,16 @@ export class DuplicateCausationError extends Error {
   }
 }
 
-interface PgError {
-  code?: string;
-  constraint?: string;
+/** A Postgres unique violation (23505) on the named constraint. */
+export function isUniqueViolation(err: unknown, constraint: string): boolean {
+  const e = err as { code?: string; constraint?: string };
+  return e?.code === '23505' && e.constraint === constraint;
 }
 
 /** Maps a unique violation on the log's guards to the typed errors above; rethrows anything else. */
 export function mapAppendError(err: unknown, streamId: string, expectedVersion: number, causationId: string | null): never {
-  const e = err as PgError;
-  if (e?.code === '23505' && e.constraint === 'events_stream_version') throw new ConcurrencyError(streamId, expectedVersion);
-  if (e?.code === '23505' && e.constraint === 'events_stream_causation' && causationId)
-    throw new DuplicateCausationError(streamId, causationId);
+  if (isUniqueViolation(err, 'events_stream_version')) throw new ConcurrencyError(streamId, expectedVersion);
+  if (isUniqueViolation(err, 'events_stream_causation') && causationId) throw new DuplicateCausationError(streamId, causationId);
   throw err;
 }
 

@@ -4,7 +4,7 @@
  */
 import type { Insertable } from 'kysely';
 import { partitionHoldsClaim, type HostContext, type PartitionContext, type StreamKind, type VmContext } from '../../machines/index.ts';
-import type { Executor } from './events.ts';
+import { isUniqueViolation, type Executor } from './events.ts';
 import type { GpuClaimsTable, HostsTable, PartitionsTable, StreamsTable, VmsTable } from './schema.ts';
 
 /** A stream's state after its latest event. `state` is the machine's state value. */
@@ -48,7 +48,7 @@ export interface ClaimRow {
   host_id: string;
   module_id: number;
   partition_id: number;
-  vm_id: string;
+  vm_id: string | null;
 }
 
 export interface HostRow {
@@ -93,8 +93,9 @@ export function partitionRow(s: StreamSnapshot): PartitionRow {
 
 export function claimRows(s: StreamSnapshot): ClaimRow[] {
   const c = s.context as unknown as PartitionContext;
-  if (!partitionHoldsClaim(s.state) || !c.vmId) return [];
-  return c.gpus.map((g) => ({ host_id: c.hostId, module_id: g.moduleId, partition_id: c.partitionId, vm_id: c.vmId! }));
+  if (!partitionHoldsClaim(s.state)) return [];
+  // vm_id is null while a drift repair holds the GPUs.
+  return c.gpus.map((g) => ({ host_id: c.hostId, module_id: g.moduleId, partition_id: c.partitionId, vm_id: c.vmId }));
 }
 
 export function hostRow(s: StreamSnapshot): HostRow {
@@ -120,6 +121,11 @@ function streamRow(s: StreamSnapshot): Insertable<StreamsTable> {
     created_at: s.createdAt,
     updated_at: s.updatedAt,
   };
+}
+
+/** Another partition holds one of these GPUs' claims: the primary key that forbids claiming a GPU twice. */
+export function isClaimConflict(err: unknown): boolean {
+  return isUniqueViolation(err, 'gpu_claims_pkey');
 }
 
 /**

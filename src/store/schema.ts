@@ -102,7 +102,8 @@ export interface GpuClaimsTable {
   host_id: string;
   module_id: number;
   partition_id: number;
-  vm_id: string;
+  /** Null while a drift repair holds the GPUs (no VM). */
+  vm_id: string | null;
 }
 
 export interface Database {

@@ -34,6 +34,7 @@ export function testConfig(dataDir: string, databaseUrl: string | undefined, ove
       // Tests call service.health.check() themselves, so a pass never races an assertion.
       healthIntervalMs: 3_600_000,
       fabricManagerCheckMs: 50_000,
+      reconcileIntervalMs: 3_600_000,
       bindTimeoutMs: 3000,
       toolTimeoutMs: 10_000,
       vmMemoryMiB: 64,

@@ -1,8 +1,6 @@
 /**
  * DESIGN §3.3 invariants, checked against the simulated host and the database at rest.
  */
-import { readdirSync } from 'node:fs';
-import { join } from 'node:path';
 import { expect } from 'vitest';
 import { verifyProjections } from '../../src/engine/rebuild.ts';
 import type { Service } from '../../src/service.ts';
@@ -20,13 +18,7 @@ export async function hostPicture(service: Service): Promise<HostPicture> {
   const gpus = (inventory.inventory as unknown as { gpus: { pciAddress: string }[] }).gpus;
   const drivers: Record<string, string | null> = {};
   for (const g of gpus) drivers[g.pciAddress] = await host.sysfs.driverOf(g.pciAddress);
-  const runRoot = join(service.config.dataDir, 'run');
-  let dirs: string[] = [];
-  try {
-    dirs = readdirSync(runRoot);
-  } catch {}
-  const liveQemu: string[] = [];
-  for (const vmId of dirs) if ((await host.qemu.status(vmId)).running) liveQemu.push(vmId);
+  const liveQemu = (await host.qemu.running()).map((q) => q.vmId);
   return { activePartitions: table.partitions.filter((p) => p.isActive).map((p) => p.partitionId).sort((a, b) => a - b), drivers, liveQemu: liveQemu.sort() };
 }
 
