@@ -50,7 +50,7 @@ const allEvents = (f: Fixture) => [...f.streams.values()].flat();
 
 describe('stored histories replay through today’s machines', () => {
   it('has a fixture for every recorded scenario, each a full log from host registration', () => {
-    expect(files).toEqual(['activation-failure.jsonl', 'delete-while-provisioning.jsonl', 'normal.jsonl', 'qemu-crash.jsonl', 'quarantine.jsonl']);
+    expect(files).toEqual(['activation-failure.jsonl', 'delete-while-provisioning.jsonl', 'drift.jsonl', 'normal.jsonl', 'qemu-crash.jsonl', 'quarantine.jsonl']);
     for (const f of fixtures) {
       expect(f.streams.get('host:sim-b200')?.[0]?.type, f.name).toBe('REGISTER');
       expect([...f.streams.keys()].filter((s) => s.startsWith('partition:')), f.name).toHaveLength(15);
@@ -72,6 +72,10 @@ describe('stored histories replay through today’s machines', () => {
     expect(reached('quarantine')).toContain('partition CONFIRMED_INACTIVE confirmingInactive → quarantined');
     expect(reached('quarantine')).toContain('partition CLEAR_QUARANTINE quarantined → free');
     expect(reached('quarantine')).toContain('host GPU_UNHEALTHY registered → registered');
+    expect(reached('drift')).toContain('partition DRIFT_DETECTED free → repairing');
+    expect(reached('drift')).toContain('partition REPAIRED repairing → free');
+    expect(reached('drift')).toContain('host DRIFT_DETECTED registered → registered');
+    expect(reached('drift')).toContain('host STRAY_QEMU_STOPPED registered → registered');
   });
 
   describe.each(fixtures.map((f) => [f.name, f] as const))('%s', (_name, f) => {

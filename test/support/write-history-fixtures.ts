@@ -105,6 +105,20 @@ export const SCENARIOS: Record<string, Scenario> = {
       await until(t, vm.id, 'deleted');
     },
   },
+  drift: {
+    description: 'partition 5 activated by hand, module 6 left on vfio-pci under a stray QEMU: reconciliation repairs all three',
+    run: async (t) => {
+      const { host } = t.service;
+      await t.service.reconciler.reconcile(); // the start-up pass, done before the drift is made
+      const gpu6 = (await loadSimHost(simRoot(t))).gpus.find((g) => g.moduleId === 6)!;
+      await host.fmpm.activate(5);
+      await host.sysfs.bindGroupToVfio(gpu6.pciAddress);
+      await host.qemu.start({ vmId: 'vm-stray00001', memoryMiB: 64, vcpus: 1, gpus: [gpu6.pciAddress], gpuDevice: host.gpuDevice });
+      await t.service.reconciler.reconcile();
+      const db = t.service.db.kysely;
+      await waitUntil('repairs done', async () => (await db.selectFrom('partitions').select('state').where('state', 'in', ['repairing', 'unrepaired']).execute()).length === 0, 30_000);
+    },
+  },
 };
 
 /** Runs one scenario in a fresh service and returns its log as JSON lines. */
