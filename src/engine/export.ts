@@ -6,6 +6,7 @@
 import { sql, type Kysely } from 'kysely';
 import { vmStream } from '../../machines/index.ts';
 import { notFound } from '../errors.ts';
+import { readEffectsWithTries } from '../store/effects.ts';
 import { readCorrelated } from '../store/events.ts';
 import type { Database } from '../store/schema.ts';
 
@@ -88,29 +89,7 @@ export async function* exportIncident(db: Kysely<Database>, vmId: string): Async
     };
   }
 
-  const effects = await db
-    .selectFrom('effects')
-    .selectAll()
-    .where((eb) => eb.or([eb('correlation_id', '=', vmId), eb('stream_id', '=', vmStream(vmId))]))
-    .orderBy('created_at')
-    .orderBy('id')
-    .execute();
-  const attempts = effects.length
-    ? await db
-        .selectFrom('effect_attempts')
-        .selectAll()
-        .where(
-          'effect_id',
-          'in',
-          effects.map((e) => e.id),
-        )
-        .orderBy('effect_id')
-        .orderBy('attempt')
-        .execute()
-    : [];
-  const triesOf = new Map<string, typeof attempts>();
-  for (const a of attempts) triesOf.set(a.effect_id, [...(triesOf.get(a.effect_id) ?? []), a]);
-  for (const e of effects) {
+  for (const e of await readEffectsWithTries(db, vmId)) {
     yield {
       kind: 'effect',
       id: e.id,
@@ -128,7 +107,7 @@ export async function* exportIncident(db: Kysely<Database>, vmId: string): Async
       lastError: e.last_error,
       note: e.note,
     };
-    for (const a of triesOf.get(e.id) ?? []) {
+    for (const a of e.tries) {
       yield {
         kind: 'attempt',
         effectId: a.effect_id,

@@ -7,6 +7,7 @@ import { sql, type Kysely } from 'kysely';
 import { partitionStream, vmStream, type VmContext } from '../../machines/index.ts';
 import { badRequest, conflict, notFound } from '../errors.ts';
 import { isUniqueViolation, readCorrelated, type Executor, type StoredEvent } from '../store/events.ts';
+import { readEffectsWithTries } from '../store/effects.ts';
 import { isClaimConflict, type VmRow } from '../store/projections.ts';
 import type { Database } from '../store/schema.ts';
 import { applyEvent, inTransaction, loadSnapshot, type EffectPolicy } from './commands.ts';
@@ -156,25 +157,7 @@ export class VmService {
   async history(vmId: string): Promise<{ vm: VmRow; events: HistoryEntry[]; effects: EffectHistory[] }> {
     const vm = await this.get(vmId);
     const events = await readCorrelated(this.db, vmId);
-    const effects = await this.db
-      .selectFrom('effects')
-      .select(['id', 'stream_id', 'type', 'status', 'attempts', 'max_attempts', 'last_error', 'note', 'created_at', 'due_at', 'completed_at'])
-      .where('correlation_id', '=', vmId)
-      .orderBy('created_at')
-      .orderBy('id')
-      .execute();
-    const attempts = effects.length
-      ? await this.db
-          .selectFrom('effect_attempts')
-          .selectAll()
-          .where(
-            'effect_id',
-            'in',
-            effects.map((e) => e.id),
-          )
-          .orderBy('started_at')
-          .execute()
-      : [];
+    const effects = await readEffectsWithTries(this.db, vmId);
     return {
       vm,
       events: events.map((e, i) => toHistoryEntry(e, events[i - 1])),
@@ -189,28 +172,16 @@ export class VmService {
         note: e.note,
         createdAt: new Date(e.created_at),
         completedAt: e.completed_at ? new Date(e.completed_at) : null,
-        tries: attempts
-          .filter((a) => a.effect_id === e.id)
-          .map((a) => ({
-            attempt: a.attempt,
-            worker: a.worker,
-            startedAt: new Date(a.started_at),
-            finishedAt: new Date(a.finished_at),
-            outcome: a.outcome,
-            error: a.error,
-          })),
+        tries: e.tries.map((a) => ({
+          attempt: a.attempt,
+          worker: a.worker,
+          startedAt: new Date(a.started_at),
+          finishedAt: new Date(a.finished_at),
+          outcome: a.outcome,
+          error: a.error,
+        })),
       })),
     };
-  }
-
-  /** VMs of this host whose QEMU should be alive: what the monitor watches. */
-  async withLiveQemu(): Promise<{ id: string; state: string }[]> {
-    return this.db
-      .selectFrom('vms')
-      .select(['id', 'state'])
-      .where('host_id', '=', this.hostId)
-      .where('state', 'in', ['running', 'stopping'])
-      .execute();
   }
 
   async countByState(): Promise<Record<string, number>> {

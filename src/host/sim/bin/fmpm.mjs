@@ -18,6 +18,7 @@
  */
 import fs from 'node:fs';
 import path from 'node:path';
+import { readJson as readJsonOrExit, simRoot } from './sim-common.mjs';
 
 const VERSION = '1.0.1';
 const FM_MAX_FABRIC_PARTITIONS = 64;
@@ -47,14 +48,7 @@ function sleepSync(ms) {
   Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, ms);
 }
 
-function readJson(file, fallback) {
-  try {
-    return JSON.parse(fs.readFileSync(file, 'utf8'));
-  } catch (err) {
-    if (err && err.code === 'ENOENT') return fallback;
-    throw err;
-  }
-}
+const readJson = (file, fallback) => readJsonOrExit('fmpm', file, fallback);
 
 function writeJsonAtomic(file, value) {
   const tmp = `${file}.${process.pid}.tmp`;
@@ -82,11 +76,7 @@ function styled(value, indent = '') {
 }
 
 // ── simulated host ───────────────────────────────────────────────────────────
-const root = process.env.GPUVM_SIM_ROOT;
-if (!root) {
-  process.stderr.write('fmpm (gpuvm simulator): GPUVM_SIM_ROOT is not set; run it through <simRoot>/bin/fmpm\n');
-  process.exit(2);
-}
+const root = simRoot('fmpm');
 const hostFile = path.join(root, 'host.json');
 const stateDir = path.join(root, 'fm');
 const stateFile = path.join(stateDir, 'state.json');

@@ -7,24 +7,12 @@
  * image's driver. The simulated host runs no daemon (the fmpm simulator plays Fabric Manager), so
  * any other invocation says so and exits 1. Node builtins only.
  */
-import fs from 'node:fs';
 import path from 'node:path';
+import { readJson as readJsonOrExit, simRoot } from './sim-common.mjs';
 
-const root = process.env.GPUVM_SIM_ROOT;
-if (!root) {
-  process.stderr.write('nv-fabricmanager (gpuvm simulator): GPUVM_SIM_ROOT is not set; run it through <simRoot>/bin/nv-fabricmanager\n');
-  process.exit(2);
-}
-
-function readJson(file, fallback) {
-  try {
-    return JSON.parse(fs.readFileSync(file, 'utf8'));
-  } catch (err) {
-    if (err && err.code === 'ENOENT' && fallback !== undefined) return fallback;
-    process.stderr.write(`nv-fabricmanager (gpuvm simulator): cannot read ${file}: ${err.message}\n`);
-    process.exit(2);
-  }
-}
+const TOOL = 'nv-fabricmanager';
+const root = simRoot(TOOL);
+const readJson = (file, fallback) => readJsonOrExit(TOOL, file, fallback);
 
 const args = process.argv.slice(2);
 if (args.length === 1 && (args[0] === '-v' || args[0] === '--version')) {

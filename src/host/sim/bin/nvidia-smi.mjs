@@ -13,25 +13,14 @@
  */
 import fs from 'node:fs';
 import path from 'node:path';
+import { readJson as readJsonOrExit, simRoot } from './sim-common.mjs';
 
 const NVML_ERROR_NOT_FOUND = 6;
 const NVML_ERROR_DRIVER_NOT_LOADED = 9;
 
-const root = process.env.GPUVM_SIM_ROOT;
-if (!root) {
-  process.stderr.write('nvidia-smi (gpuvm simulator): GPUVM_SIM_ROOT is not set; run it through <simRoot>/bin/nvidia-smi\n');
-  process.exit(2);
-}
-
-function readJson(file, fallback) {
-  try {
-    return JSON.parse(fs.readFileSync(file, 'utf8'));
-  } catch (err) {
-    if (err && err.code === 'ENOENT' && fallback !== undefined) return fallback;
-    process.stderr.write(`nvidia-smi (gpuvm simulator): cannot read ${file}: ${err.message}\n`);
-    process.exit(2);
-  }
-}
+const TOOL = 'nvidia-smi';
+const root = simRoot(TOOL);
+const readJson = (file, fallback) => readJsonOrExit(TOOL, file, fallback);
 
 // ── argv ─────────────────────────────────────────────────────────────────────
 let query = false;
