@@ -59,6 +59,12 @@ describe(`VM lifecycles on the simulated host (${usingPostgres ? 'postgres' : 'p
     const order = h.events.map((e) => e.to);
     expect(order.indexOf('releasing')).toBeLessThan(order.indexOf('unbinding'));
     expect(order.indexOf('unbinding')).toBeLessThan(order.indexOf('deactivating'));
+    // Direct hand-off: each partition step after the first was claimed in the transaction that
+    // recorded the previous step's outcome (same now()), not by a later poll or notification.
+    const first = (type: string) => h.effects.find((e) => e.type === type)!;
+    for (const [prev, next] of [['prepareGpus', 'activatePartition'], ['activatePartition', 'confirmActive'], ['bindHost', 'deactivatePartition']] as const) {
+      expect(first(next).tries[0]!.startedAt.getTime(), `${prev} → ${next}`).toBe(first(prev).completedAt!.getTime());
+    }
   });
 
   it('fails the VM with the reason when activation fails, and unwinds the partition', async () => {

@@ -7,7 +7,7 @@
  * and a timer wakes it when the next delayed effect (a durable timer) falls due.
  */
 import { randomBytes } from 'node:crypto';
-import { sql, type Kysely } from 'kysely';
+import { sql, type Kysely, type RawBuilder } from 'kysely';
 import type { Logger } from 'pino';
 import { EFFECTS_CHANNEL, type Db } from '../store/db.ts';
 import type { Database } from '../store/schema.ts';
@@ -180,6 +180,18 @@ export class EffectWorker {
 
   /** Claims up to `limit` due effects; an expired lease counts as due and its lost try is recorded. */
   async claim(limit: number): Promise<ClaimedEffect[]> {
+    return this.claimWhere(
+      this.db,
+      sql`host_id = ${this.opts.hostId} and ((status = 'pending' and due_at <= now()) or (status = 'running' and lease_until < now()))`,
+      limit,
+    );
+  }
+
+  /**
+   * Takes the lease on the matching effects (FOR UPDATE SKIP LOCKED) and returns them. A row whose
+   * lease had expired was a try that never finished: it is recorded as lost.
+   */
+  private async claimWhere(db: Executor, due: RawBuilder<unknown>, limit: number): Promise<ClaimedEffect[]> {
     const { rows } = await sql<{
       id: string;
       stream_id: string;
@@ -197,8 +209,7 @@ export class EffectWorker {
       with due as (
         select id, status as prev_status, lease_owner as prev_owner, claimed_at as prev_claimed_at
         from effects
-        where host_id = ${this.opts.hostId}
-          and ((status = 'pending' and due_at <= now()) or (status = 'running' and lease_until < now()))
+        where ${due}
         order by due_at, id
         limit ${limit}
         for update skip locked
@@ -209,11 +220,11 @@ export class EffectWorker {
       from due
       where e.id = due.id
       returning e.id, e.stream_id, e.host_id, e.type, e.params, e.correlation_id, e.attempts, e.max_attempts,
-                e.claimed_at, due.prev_status, due.prev_owner, due.prev_claimed_at`.execute(this.db);
+                e.claimed_at, due.prev_status, due.prev_owner, due.prev_claimed_at`.execute(db);
 
     const lost = rows.filter((r) => r.prev_status === 'running');
     if (lost.length > 0) {
-      await this.db
+      await db
         .insertInto('effect_attempts')
         .values(
           lost.map((r) => ({
@@ -240,6 +251,19 @@ export class EffectWorker {
       maxAttempts: r.max_attempts,
       claimedAt: new Date(r.claimed_at),
     }));
+  }
+
+  /**
+   * Direct hand-off: the effects an outcome's event just asked for, due now and for this host, are
+   * claimed in the same transaction and launched right after it commits — no claim round trip, no
+   * wait for a notification. A crash after the commit leaves them leased, and leases are expired
+   * at start-up, so nothing is lost.
+   */
+  private async claimFollowUps(tx: Executor, effectIds: string[]): Promise<ClaimedEffect[]> {
+    // The effect being completed still counts in inFlight; its slot is about to be free.
+    const room = this.opts.concurrency - this.inFlight.size + 1;
+    if (effectIds.length === 0 || room <= 0 || !this.running) return [];
+    return this.claimWhere(tx, sql`id in (${sql.join(effectIds)}) and host_id = ${this.opts.hostId} and status = 'pending' and due_at <= now()`, room);
   }
 
   private launch(effect: ClaimedEffect): void {
@@ -277,13 +301,15 @@ export class EffectWorker {
     const deadline = Date.now() + this.opts.leaseMs;
     for (let pause = 100; ; pause = Math.min(pause * 2, 2000)) {
       try {
+        let next: ClaimedEffect[];
         if (failure === null) {
-          await this.complete(effect, outcome!);
+          next = await this.complete(effect, outcome!);
           if (outcome!.deliver) crashPoint(`event:${outcome!.deliver.event.type}:after-commit`);
           log.info({ ms: Date.now() - started, deliver: outcome?.deliver?.event.type }, 'effect done');
         } else {
-          await this.fail(effect, failure, log);
+          next = await this.fail(effect, failure, log);
         }
+        for (const e of next) this.launch(e);
         return;
       } catch (err) {
         if (err instanceof LostLeaseError) {
@@ -343,7 +369,8 @@ export class EffectWorker {
       .execute();
   }
 
-  private async deliver(tx: Executor, effect: ClaimedEffect, streamId: string, event: MachineEvent): Promise<string | null> {
+  /** Applies the outcome's event; returns why it was ignored (or null), and the effects it asked for. */
+  private async deliver(tx: Executor, effect: ClaimedEffect, streamId: string, event: MachineEvent): Promise<{ ignored: string | null; effectIds: string[] }> {
     try {
       const result = await applyEvent(
         tx,
@@ -354,39 +381,45 @@ export class EffectWorker {
       );
       // A late outcome for a state that has moved on (a timer after the VM stopped, say) is
       // dropped, and the effect row says so for the audit.
-      if (result.kind === 'rejected') return `ignored ${event.type}: ${result.reason}`;
-      return null;
+      if (result.kind === 'rejected') return { ignored: `ignored ${event.type}: ${result.reason}`, effectIds: [] };
+      return { ignored: null, effectIds: result.kind === 'changed' ? result.effectIds : [] };
     } catch (err) {
-      if (err instanceof DuplicateCausationError) return `already delivered to ${streamId}`;
+      if (err instanceof DuplicateCausationError) return { ignored: `already delivered to ${streamId}`, effectIds: [] };
       throw err;
     }
   }
 
-  private async complete(effect: ClaimedEffect, outcome: EffectOutcome): Promise<void> {
-    await inTransaction(this.db, async (tx) => {
+  private async complete(effect: ClaimedEffect, outcome: EffectOutcome): Promise<ClaimedEffect[]> {
+    return inTransaction(this.db, async (tx) => {
       let note = outcome.note ?? null;
+      let next: ClaimedEffect[] = [];
       if (outcome.deliver) {
-        const ignored = await this.deliver(tx, effect, outcome.deliver.streamId, outcome.deliver.event);
+        const { ignored, effectIds } = await this.deliver(tx, effect, outcome.deliver.streamId, outcome.deliver.event);
         if (ignored) note = note ? `${note}; ${ignored}` : ignored;
+        next = await this.claimFollowUps(tx, effectIds);
       }
       await this.finish(tx, effect, { status: 'done', error: null, note });
+      return next;
     });
   }
 
-  private async fail(effect: ClaimedEffect, err: unknown, log: Logger): Promise<void> {
+  private async fail(effect: ClaimedEffect, err: unknown, log: Logger): Promise<ClaimedEffect[]> {
     const message = describe(err);
     const exhausted = effect.attempt >= effect.maxAttempts || isPermanent(err);
     if (!exhausted) {
       const delay = backoffMs(this.opts.policy, effect.attempt);
       log.warn({ err: message, retryInMs: delay }, 'effect failed; will retry');
       await inTransaction(this.db, (tx) => this.finish(tx, effect, { status: 'pending', error: message, dueInMs: delay }));
-      return;
+      return [];
     }
     log.error({ err: message }, 'effect failed for good');
-    await inTransaction(this.db, async (tx) => {
-      const ignored = await this.deliver(tx, effect, effect.streamId, { type: 'EFFECT_FAILED', effect: effect.type, error: message });
+    const next = await inTransaction(this.db, async (tx) => {
+      const { ignored, effectIds } = await this.deliver(tx, effect, effect.streamId, { type: 'EFFECT_FAILED', effect: effect.type, error: message });
+      const followUps = await this.claimFollowUps(tx, effectIds);
       await this.finish(tx, effect, { status: 'failed', error: message, note: ignored });
+      return followUps;
     });
     crashPoint('event:EFFECT_FAILED:after-commit');
+    return next;
   }
 }
