@@ -7,6 +7,7 @@
 import { Command, CommanderError } from 'commander';
 import { loadConfig, type Config } from '../config.ts';
 import { migrate, openDb } from '../store/db.ts';
+import type { VmRow } from '../store/projections.ts';
 import { readdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { userInfo } from 'node:os';
@@ -42,19 +43,8 @@ async function call<T>(base: string, method: string, path: string, body?: unknow
   return parsed as T;
 }
 
-interface VmJson {
-  id: string;
-  name: string;
-  host_id: string;
-  gpu_count: number;
-  partition_id: number;
-  gpus: { moduleId: number; pciAddress: string }[];
-  state: string;
-  reason: string | null;
-  qemu_pid: number | null;
-  created_at: string;
-  updated_at: string;
-}
+/** A VM as the API sends it: the projection row, its timestamps as ISO strings. */
+type VmJson = Omit<VmRow, 'created_at' | 'updated_at'> & { created_at: string; updated_at: string };
 
 const print = (s: string): void => void process.stdout.write(s + '\n');
 const json = (v: unknown): void => print(JSON.stringify(v, null, 2));
