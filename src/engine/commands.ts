@@ -27,7 +27,32 @@ export interface EffectPolicy {
 export type ApplyResult =
   | { kind: 'rejected'; state: string; reason: string; snapshot: StreamSnapshot | null }
   | { kind: 'unchanged'; state: string; snapshot: StreamSnapshot }
-  | { kind: 'changed'; snapshot: StreamSnapshot; effectIds: string[]; position: string };
+  | { kind: 'changed'; snapshot: StreamSnapshot; effectIds: string[]; position: string; claimed: ClaimedEffect[] };
+
+/** An effect a worker holds the lease of, ready to run. */
+export interface ClaimedEffect {
+  id: string;
+  streamId: string;
+  hostId: string;
+  type: string;
+  params: Record<string, unknown>;
+  correlationId: string;
+  attempt: number;
+  maxAttempts: number;
+  claimedAt: Date;
+}
+
+/**
+ * A worker applying an outcome takes the new effects of its own host that are due now (up to
+ * `limit`) as they are written: they are born leased to it and it runs them right after the
+ * commit — no claim round trip, no notification, no polling delay between the steps of a lifecycle.
+ */
+export interface ClaimOnWrite {
+  workerId: string;
+  hostId: string;
+  leaseMs: number;
+  limit: number;
+}
 
 interface StreamRowWithNow {
   now: Date;
@@ -72,6 +97,7 @@ export async function applyEvent(
   event: MachineEvent,
   meta: CommandMeta,
   policy: EffectPolicy,
+  claimFor?: ClaimOnWrite,
 ): Promise<ApplyResult> {
   const { now, snapshot } = await loadSnapshot(tx, streamId);
   const decision: Decision = decide(streamId, snapshot, event);
@@ -109,12 +135,19 @@ export async function applyEvent(
   await writeProjections(tx, next, snapshot);
 
   const effectIds: string[] = [];
+  const claimed: ClaimedEffect[] = [];
   if (decision.effects.length > 0) {
     const hostId = String(decision.context.hostId);
+    const leaseUntil = claimFor ? new Date(now.getTime() + claimFor.leaseMs) : null;
+    let pendingHere = false;
     const rows = decision.effects.map((e, i) => {
       const id = effectId(streamId, next.version, i);
       effectIds.push(id);
       const delayMs = typeof e.params.delayMs === 'number' ? e.params.delayMs : 0;
+      const maxAttempts = policy.maxAttempts(e.type);
+      const take = claimFor !== undefined && claimFor.hostId === hostId && delayMs === 0 && claimed.length < claimFor.limit;
+      if (take) claimed.push({ id, streamId, hostId, type: e.type, params: e.params, correlationId: meta.correlationId, attempt: 1, maxAttempts, claimedAt: now });
+      else pendingHere = true;
       return {
         id,
         stream_id: streamId,
@@ -122,19 +155,21 @@ export async function applyEvent(
         type: e.type,
         params: JSON.stringify(e.params),
         correlation_id: meta.correlationId,
-        status: 'pending' as const,
         due_at: new Date(now.getTime() + delayMs),
-        max_attempts: policy.maxAttempts(e.type),
+        max_attempts: maxAttempts,
         created_at: now,
+        ...(take
+          ? { status: 'running' as const, attempts: 1, lease_owner: claimFor.workerId, lease_until: leaseUntil, claimed_at: now }
+          : { status: 'pending' as const }),
       };
     });
     await tx.insertInto('effects').values(rows).execute();
     // Delivered at commit: wakes the host's workers without a polling delay.
-    await sql`select pg_notify(${EFFECTS_CHANNEL}, ${hostId})`.execute(tx);
+    if (pendingHere) await sql`select pg_notify(${EFFECTS_CHANNEL}, ${hostId})`.execute(tx);
   }
   // Everything is written but not committed: a kill here loses all of it, as a crash before commit.
   crashPoint(`event:${type}:before-commit`);
-  return { kind: 'changed', snapshot: next, effectIds, position: positions[0]! };
+  return { kind: 'changed', snapshot: next, effectIds, position: positions[0]!, claimed };
 }
 
 /** Serialization failures and deadlocks are worth a retry, like a lost optimistic race. */

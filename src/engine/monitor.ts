@@ -29,6 +29,8 @@ export class QemuMonitor {
 
   start(): void {
     this.periodic.start();
+    // A QEMU this process started reports its exit: no waiting for the next pass.
+    this.host.qemu.onExit(() => this.periodic.kick());
   }
 
   stop(): Promise<void> {

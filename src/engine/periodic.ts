@@ -8,6 +8,8 @@ import type { Logger } from '../log.ts';
 export class Periodic {
   private timer: NodeJS.Timeout | null = null;
   private busy: Promise<void> | null = null;
+  private again = false;
+  private stopped = false;
 
   constructor(
     private readonly what: string,
@@ -20,18 +22,27 @@ export class Periodic {
     this.timer = setInterval(() => this.kick(), this.intervalMs);
   }
 
-  /** Runs a pass now unless one is under way. */
+  /** Runs a pass now, or right after the one under way: what prompted the kick may have come too late for it. */
   kick(): void {
-    if (this.busy) return;
+    if (this.stopped) return;
+    if (this.busy) {
+      this.again = true;
+      return;
+    }
+    this.again = false;
     this.busy = this.pass()
       .then(() => undefined)
       .catch((err) => this.log.error({ err: String(err) }, `${this.what} failed`))
-      .finally(() => (this.busy = null));
+      .finally(() => {
+        this.busy = null;
+        if (this.again) this.kick();
+      });
   }
 
   async stop(): Promise<void> {
     if (this.timer) clearInterval(this.timer);
     this.timer = null;
+    this.stopped = true;
     await this.busy;
   }
 }

@@ -7,26 +7,16 @@
  * and a timer wakes it when the next delayed effect (a durable timer) falls due.
  */
 import { randomBytes } from 'node:crypto';
-import { sql, type Kysely, type RawBuilder } from 'kysely';
+import { sql, type Kysely } from 'kysely';
 import type { Logger } from 'pino';
 import { EFFECTS_CHANNEL, type Db } from '../store/db.ts';
 import type { Database } from '../store/schema.ts';
 import { DuplicateCausationError, type Executor } from '../store/events.ts';
-import { applyEvent, inTransaction, type EffectPolicy } from './commands.ts';
+import { applyEvent, inTransaction, type ClaimedEffect, type ClaimOnWrite, type EffectPolicy } from './commands.ts';
 import type { MachineEvent } from './decide.ts';
 import { crashPoint } from './crash-points.ts';
 
-export interface ClaimedEffect {
-  id: string;
-  streamId: string;
-  hostId: string;
-  type: string;
-  params: Record<string, unknown>;
-  correlationId: string;
-  attempt: number;
-  maxAttempts: number;
-  claimedAt: Date;
-}
+export type { ClaimedEffect };
 
 export interface EffectContext {
   effect: ClaimedEffect;
@@ -180,18 +170,6 @@ export class EffectWorker {
 
   /** Claims up to `limit` due effects; an expired lease counts as due and its lost try is recorded. */
   async claim(limit: number): Promise<ClaimedEffect[]> {
-    return this.claimWhere(
-      this.db,
-      sql`host_id = ${this.opts.hostId} and ((status = 'pending' and due_at <= now()) or (status = 'running' and lease_until < now()))`,
-      limit,
-    );
-  }
-
-  /**
-   * Takes the lease on the matching effects (FOR UPDATE SKIP LOCKED) and returns them. A row whose
-   * lease had expired was a try that never finished: it is recorded as lost.
-   */
-  private async claimWhere(db: Executor, due: RawBuilder<unknown>, limit: number): Promise<ClaimedEffect[]> {
     const { rows } = await sql<{
       id: string;
       stream_id: string;
@@ -209,7 +187,8 @@ export class EffectWorker {
       with due as (
         select id, status as prev_status, lease_owner as prev_owner, claimed_at as prev_claimed_at
         from effects
-        where ${due}
+        where host_id = ${this.opts.hostId}
+          and ((status = 'pending' and due_at <= now()) or (status = 'running' and lease_until < now()))
         order by due_at, id
         limit ${limit}
         for update skip locked
@@ -220,11 +199,11 @@ export class EffectWorker {
       from due
       where e.id = due.id
       returning e.id, e.stream_id, e.host_id, e.type, e.params, e.correlation_id, e.attempts, e.max_attempts,
-                e.claimed_at, due.prev_status, due.prev_owner, due.prev_claimed_at`.execute(db);
+                e.claimed_at, due.prev_status, due.prev_owner, due.prev_claimed_at`.execute(this.db);
 
     const lost = rows.filter((r) => r.prev_status === 'running');
     if (lost.length > 0) {
-      await db
+      await this.db
         .insertInto('effect_attempts')
         .values(
           lost.map((r) => ({
@@ -253,33 +232,25 @@ export class EffectWorker {
     }));
   }
 
-  /**
-   * Direct hand-off: the effects an outcome's event just asked for, due now and for this host, are
-   * claimed in the same transaction and launched right after it commits — no claim round trip, no
-   * wait for a notification. A crash after the commit leaves them leased, and leases are expired
-   * at start-up, so nothing is lost.
-   */
-  private async claimFollowUps(tx: Executor, effectIds: string[]): Promise<ClaimedEffect[]> {
-    // The effect being completed still counts in inFlight; its slot is about to be free.
-    const room = this.opts.concurrency - this.inFlight.size + 1;
-    if (effectIds.length === 0 || room <= 0 || !this.running) return [];
-    return this.claimWhere(tx, sql`id in (${sql.join(effectIds)}) and host_id = ${this.opts.hostId} and status = 'pending' and due_at <= now()`, room);
-  }
-
   private launch(effect: ClaimedEffect): void {
     const task = this.execute(effect)
       .catch((err) => {
         this.opts.log.error({ err: describe(err), effectId: effect.id, correlationId: effect.correlationId }, 'effect outcome not recorded; the lease will make it due again');
+        return 0;
       })
-      .finally(() => {
+      .then((handedOff) => {
         this.inFlight.delete(effect.id);
-        this.wake();
+        // A slot is free unless a follow-up took it: then there is nothing new to claim.
+        if (handedOff === 0) this.wake();
       });
     this.inFlight.set(effect.id, task);
   }
 
-  /** Runs one claimed effect to a recorded outcome. Exposed for tests that drive effects by hand. */
-  async execute(effect: ClaimedEffect): Promise<void> {
+  /**
+   * Runs one claimed effect to a recorded outcome, then launches the follow-ups handed to it;
+   * returns how many. Exposed for tests that drive effects by hand.
+   */
+  async execute(effect: ClaimedEffect): Promise<number> {
     const log = this.opts.log.child({ effectId: effect.id, effect: effect.type, stream: effect.streamId, correlationId: effect.correlationId, attempt: effect.attempt });
     const handler = this.opts.handlers[effect.type];
     const renew = setInterval(() => void this.renewLease(effect.id).catch(() => {}), Math.max(50, this.opts.leaseMs / 3));
@@ -310,11 +281,11 @@ export class EffectWorker {
           next = await this.fail(effect, failure, log);
         }
         for (const e of next) this.launch(e);
-        return;
+        return next.length;
       } catch (err) {
         if (err instanceof LostLeaseError) {
           log.warn('lease lost before the outcome was recorded; another worker owns this effect now');
-          return;
+          return 0;
         }
         if (!this.running || Date.now() + pause > deadline) throw err;
         log.warn({ err: describe(err), retryInMs: pause }, 'could not record the effect outcome; retrying');
@@ -369,8 +340,20 @@ export class EffectWorker {
       .execute();
   }
 
+  /**
+   * Direct hand-off: the effects an outcome's event asks for, due now on this host, are born leased
+   * to this worker and launched as soon as the transaction commits (see ClaimOnWrite). A crash
+   * after the commit leaves them leased, and start-up expires this host's leases: nothing is lost.
+   */
+  private claimOnWrite(): ClaimOnWrite | undefined {
+    // The effect being completed still counts in inFlight; its slot is about to be free.
+    const limit = this.opts.concurrency - this.inFlight.size + 1;
+    if (!this.running || limit <= 0) return undefined;
+    return { workerId: this.workerId, hostId: this.opts.hostId, leaseMs: this.opts.leaseMs, limit };
+  }
+
   /** Applies the outcome's event; returns why it was ignored (or null), and the effects it asked for. */
-  private async deliver(tx: Executor, effect: ClaimedEffect, streamId: string, event: MachineEvent): Promise<{ ignored: string | null; effectIds: string[] }> {
+  private async deliver(tx: Executor, effect: ClaimedEffect, streamId: string, event: MachineEvent): Promise<{ ignored: string | null; claimed: ClaimedEffect[] }> {
     try {
       const result = await applyEvent(
         tx,
@@ -378,13 +361,14 @@ export class EffectWorker {
         event,
         { actor: `effect:${effect.type}`, correlationId: effect.correlationId, causationId: effect.id },
         this.opts.policy,
+        this.claimOnWrite(),
       );
       // A late outcome for a state that has moved on (a timer after the VM stopped, say) is
       // dropped, and the effect row says so for the audit.
-      if (result.kind === 'rejected') return { ignored: `ignored ${event.type}: ${result.reason}`, effectIds: [] };
-      return { ignored: null, effectIds: result.kind === 'changed' ? result.effectIds : [] };
+      if (result.kind === 'rejected') return { ignored: `ignored ${event.type}: ${result.reason}`, claimed: [] };
+      return { ignored: null, claimed: result.kind === 'changed' ? result.claimed : [] };
     } catch (err) {
-      if (err instanceof DuplicateCausationError) return { ignored: `already delivered to ${streamId}`, effectIds: [] };
+      if (err instanceof DuplicateCausationError) return { ignored: `already delivered to ${streamId}`, claimed: [] };
       throw err;
     }
   }
@@ -394,9 +378,9 @@ export class EffectWorker {
       let note = outcome.note ?? null;
       let next: ClaimedEffect[] = [];
       if (outcome.deliver) {
-        const { ignored, effectIds } = await this.deliver(tx, effect, outcome.deliver.streamId, outcome.deliver.event);
-        if (ignored) note = note ? `${note}; ${ignored}` : ignored;
-        next = await this.claimFollowUps(tx, effectIds);
+        const delivered = await this.deliver(tx, effect, outcome.deliver.streamId, outcome.deliver.event);
+        if (delivered.ignored) note = note ? `${note}; ${delivered.ignored}` : delivered.ignored;
+        next = delivered.claimed;
       }
       await this.finish(tx, effect, { status: 'done', error: null, note });
       return next;
@@ -414,10 +398,9 @@ export class EffectWorker {
     }
     log.error({ err: message }, 'effect failed for good');
     const next = await inTransaction(this.db, async (tx) => {
-      const { ignored, effectIds } = await this.deliver(tx, effect, effect.streamId, { type: 'EFFECT_FAILED', effect: effect.type, error: message });
-      const followUps = await this.claimFollowUps(tx, effectIds);
+      const { ignored, claimed } = await this.deliver(tx, effect, effect.streamId, { type: 'EFFECT_FAILED', effect: effect.type, error: message });
       await this.finish(tx, effect, { status: 'failed', error: message, note: ignored });
-      return followUps;
+      return claimed;
     });
     crashPoint('event:EFFECT_FAILED:after-commit');
     return next;

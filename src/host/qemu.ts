@@ -322,6 +322,7 @@ async function tail(path: string, maxChars = 2_000): Promise<string> {
 
 export class Qemu {
   readonly #opts: QemuOptions & { runRoot: string };
+  readonly #exitListeners: ((vmId: string) => void)[] = [];
   #version: Promise<QemuVersion> | undefined;
   #vfioProps: Promise<Set<string>> | undefined;
   /** Serialises start/terminate per VM within this process. */
@@ -453,6 +454,7 @@ export class Qemu {
     });
     child.once('exit', (code, signal) => {
       proc.exited ??= { code, signal };
+      for (const listener of this.#exitListeners) listener(vmId);
     });
     child.unref();
 
@@ -533,6 +535,14 @@ export class Qemu {
       }
     }
     return status;
+  }
+
+  /**
+   * Calls `listener` when a QEMU this process started exits, so the monitor hears of it at once.
+   * A QEMU found after a restart is not our child: only the monitor's poll sees it go.
+   */
+  onExit(listener: (vmId: string) => void): void {
+    this.#exitListeners.push(listener);
   }
 
   /** Every live QEMU under the run folder, by VM id: what the host runs, whatever the log says. */
