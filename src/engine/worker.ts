@@ -309,35 +309,22 @@ export class EffectWorker {
     effect: ClaimedEffect,
     set: { status: 'done' | 'failed' | 'pending'; error: string | null; dueInMs?: number; note?: string | null },
   ): Promise<void> {
-    const updated = await tx
-      .updateTable('effects')
-      .set({
-        status: set.status,
-        lease_owner: null,
-        lease_until: null,
-        last_error: set.error,
-        note: set.note ?? null,
-        due_at: set.dueInMs === undefined ? sql`due_at` : sql`now() + make_interval(secs => ${set.dueInMs / 1000})`,
-        completed_at: set.status === 'pending' ? null : sql`now()`,
-      })
-      .where('id', '=', effect.id)
-      .where('status', '=', 'running')
-      .where('lease_owner', '=', this.workerId)
-      .returning('id')
-      .execute();
-    if (updated.length === 0) throw new LostLeaseError();
-    await tx
-      .insertInto('effect_attempts')
-      .values({
-        effect_id: effect.id,
-        attempt: effect.attempt,
-        worker: this.workerId,
-        started_at: effect.claimedAt,
-        finished_at: sql<Date>`now()`,
-        outcome: set.status === 'done' ? 'ok' : 'error',
-        error: set.error,
-      })
-      .execute();
+    // One statement: the effect row is closed only if this worker still holds its lease, and the
+    // try is recorded from the same row.
+    const { rows } = await sql<{ effect_id: string }>`
+      with closed as (
+        update effects
+        set status = ${set.status}, lease_owner = null, lease_until = null, last_error = ${set.error}, note = ${set.note ?? null},
+            due_at = ${set.dueInMs === undefined ? sql`due_at` : sql`now() + make_interval(secs => ${set.dueInMs / 1000})`},
+            completed_at = ${set.status === 'pending' ? null : sql`now()`}
+        where id = ${effect.id} and status = 'running' and lease_owner = ${this.workerId}
+        returning id
+      )
+      insert into effect_attempts (effect_id, attempt, worker, started_at, finished_at, outcome, error)
+      select id, ${effect.attempt}, ${this.workerId}, ${effect.claimedAt}, now(), ${set.status === 'done' ? 'ok' : 'error'}, ${set.error}
+      from closed
+      returning effect_id`.execute(tx);
+    if (rows.length === 0) throw new LostLeaseError();
   }
 
   /**
