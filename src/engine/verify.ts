@@ -220,7 +220,7 @@ function stepOf(s: StreamSnapshot): Step {
 }
 
 /** Who a partition's claim is for: a VM, or a drift repair (no VM). */
-const claimant = (vmId: string | null) => (vmId ? `for VM ${vmId}` : 'for a drift repair');
+const claimant = (vmId: string | null) => (vmId ? `VM ${vmId}` : 'a drift repair');
 
 
 /** Walks the global log in commit-safe order with each event's replayed step; checks the invariants. */
@@ -262,7 +262,7 @@ async function checkInvariants(db: Executor, steps: ReadonlyMap<string, Step>, l
                 code: 'module-claimed-twice',
                 streamId: step.streamId,
                 event: ref(e),
-                message: `GPU module ${m} on host ${step.hostId} claimed ${claimant(step.vmId)} while ${holder} (${other?.state}, ${claimant(other?.vmId ?? null)}) still holds it`,
+                message: `GPU module ${m} on host ${step.hostId} claimed for ${claimant(step.vmId)} while ${holder} (${other?.state}, ${claimant(other?.vmId ?? null)}) still holds it`,
               });
             } else holders.set(key, step.streamId);
           } else if (holder === step.streamId) holders.delete(key);

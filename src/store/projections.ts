@@ -135,17 +135,16 @@ export function isClaimConflict(err: unknown): boolean {
  */
 export async function writeProjections(db: Executor, next: StreamSnapshot, previous: StreamSnapshot | null): Promise<void> {
   const row = streamRow(next);
-  if (previous === null) {
-    await db.insertInto('streams').values(row).execute();
-  } else {
-    await db.updateTable('streams').set(row).where('stream_id', '=', next.streamId).execute();
-  }
+  // The snapshot rides with the read row in one statement (a data-modifying CTE): one round trip.
+  const withSnapshot = db.with('snapshot', (qb) =>
+    previous === null ? qb.insertInto('streams').values(row) : qb.updateTable('streams').set(row).where('stream_id', '=', next.streamId),
+  );
 
   switch (next.kind) {
     case 'vm': {
       const vm = vmRow(next);
       const values: Insertable<VmsTable> = { ...vm, gpus: JSON.stringify(vm.gpus) };
-      await db
+      await withSnapshot
         .insertInto('vms')
         .values(values)
         .onConflict((oc) => oc.column('id').doUpdateSet(values))
@@ -155,7 +154,7 @@ export async function writeProjections(db: Executor, next: StreamSnapshot, previ
     case 'partition': {
       const p = partitionRow(next);
       const values: Insertable<PartitionsTable> = { ...p, modules: JSON.stringify(p.modules) };
-      await db
+      await withSnapshot
         .insertInto('partitions')
         .values(values)
         .onConflict((oc) => oc.columns(['host_id', 'partition_id']).doUpdateSet(values))
@@ -177,7 +176,7 @@ export async function writeProjections(db: Executor, next: StreamSnapshot, previ
     case 'host': {
       const h = hostRow(next);
       const values: Insertable<HostsTable> = { ...h, inventory: JSON.stringify(h.inventory), quarantined_modules: JSON.stringify(h.quarantined_modules) };
-      await db
+      await withSnapshot
         .insertInto('hosts')
         .values(values)
         .onConflict((oc) => oc.column('id').doUpdateSet(values))
