@@ -166,8 +166,9 @@ function gpuBars(i: number): { index: number; start: bigint; size: bigint; flags
 
 const shellQuote = (s: string) => `'${s.replace(/'/g, `'\\''`)}'`;
 
+/** The simulated tools make no TLS connections: an extra CA bundle would only slow every call's start. */
 function wrapper(root: string, script: string): string {
-  return `#!/bin/sh\n# gpuvm simulated host: written by sim-host.ts\nGPUVM_SIM_ROOT=${shellQuote(root)}\nexport GPUVM_SIM_ROOT\nexec node ${shellQuote(script)} "$@"\n`;
+  return `#!/bin/sh\n# gpuvm simulated host: written by sim-host.ts\nGPUVM_SIM_ROOT=${shellQuote(root)}\nexport GPUVM_SIM_ROOT\nunset NODE_EXTRA_CA_CERTS\nexec node ${shellQuote(script)} "$@"\n`;
 }
 
 interface DeviceSpec {
