@@ -57,6 +57,9 @@ export interface StartOptions {
 export async function startService(config: Config, opts: StartOptions = {}): Promise<Service> {
   const log = opts.log ?? createLogger(config.logLevel);
   const db = await openDb({ databaseUrl: config.databaseUrl, pgliteDir: join(config.dataDir, 'pglite') });
+  // What a failed start must stop again, newest first; each is pushed before it starts, so one
+  // that throws halfway through its start is stopped too.
+  const started: (() => Promise<unknown>)[] = [];
   try {
     await migrate(db);
     log.info({ database: db.kind === 'postgres' ? 'postgres' : `pglite at ${join(config.dataDir, 'pglite')}` }, 'database ready');
@@ -91,11 +94,15 @@ export async function startService(config: Config, opts: StartOptions = {}): Pro
       concurrency: config.workerConcurrency,
       log,
     });
+    started.push(() => worker.stop());
     await worker.start();
+    started.push(() => fabricManager.stop());
     fabricManager.start();
     const monitor = new QemuMonitor(db.kysely, host, policy, config.monitorIntervalMs, log);
+    started.push(() => monitor.stop());
     monitor.start();
     const health = new HealthMonitor(db.kysely, host, policy, { intervalMs: config.healthIntervalMs, kernelLog: join(host.fsRoot, HOST_FILES.kernelLog), log });
+    started.push(() => health.stop());
     health.start();
     const reconciler = new Reconciler(db.kysely, host, policy, {
       intervalMs: config.reconcileIntervalMs,
@@ -103,6 +110,7 @@ export async function startService(config: Config, opts: StartOptions = {}): Pro
       monitor,
       fabricManagerWaiting: () => fabricManager.kick(),
     });
+    started.push(() => reconciler.stop());
     reconciler.start();
 
     const api = await buildApi({
@@ -119,6 +127,7 @@ export async function startService(config: Config, opts: StartOptions = {}): Pro
         vms: await vms.countByState(),
       }),
     });
+    started.push(() => api.close());
     const address = await api.listen({ host: config.listenHost, port: config.port });
     log.info({ url: address, hostId: host.hostId }, 'gpuvm is serving');
 
@@ -149,6 +158,7 @@ export async function startService(config: Config, opts: StartOptions = {}): Pro
       },
     };
   } catch (err) {
+    for (const stop of started.reverse()) await stop().catch(() => {});
     await db.close().catch(() => {});
     throw err;
   }
