@@ -83,7 +83,9 @@ export async function startService(config: Config, opts: StartOptions = {}): Pro
       vcpus: hostConfig?.vm.vcpus ?? config.vmVcpus,
       powerdownTimeoutMs: hostConfig?.vm.powerdownTimeoutMs ?? config.powerdownTimeoutMs ?? (host.simulated ? 3000 : 30_000),
     };
-    const vms = new VmService(db.kysely, host.hostId, vmDefaults, policy);
+    // The worker hears of effects this process writes at once; NOTIFY still tells every other process.
+    const effectsWritten = () => worker.wake();
+    const vms = new VmService(db.kysely, host.hostId, vmDefaults, policy, effectsWritten);
     const fabricManager = new FabricManagerGuard(db.kysely, host, policy, { intervalMs: config.fabricManagerCheckMs, log });
     const worker = new EffectWorker(db, {
       hostId: host.hostId,
@@ -98,7 +100,7 @@ export async function startService(config: Config, opts: StartOptions = {}): Pro
     await worker.start();
     started.push(() => fabricManager.stop());
     fabricManager.start();
-    const monitor = new QemuMonitor(db.kysely, host, policy, config.monitorIntervalMs, log);
+    const monitor = new QemuMonitor(db.kysely, host, policy, config.monitorIntervalMs, log, effectsWritten);
     started.push(() => monitor.stop());
     monitor.start();
     const health = new HealthMonitor(db.kysely, host, policy, { intervalMs: config.healthIntervalMs, kernelLog: join(host.fsRoot, HOST_FILES.kernelLog), log });

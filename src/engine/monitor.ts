@@ -23,6 +23,8 @@ export class QemuMonitor {
     private readonly policy: EffectPolicy,
     private readonly intervalMs: number,
     private readonly log: Logger,
+    /** Called after a commit that wrote effects: the local worker claims them without waiting for NOTIFY. */
+    private readonly effectsWritten: () => void = () => {},
   ) {
     this.periodic = new Periodic(`QEMU monitor of host ${host.hostId}`, intervalMs, () => this.check(), log);
   }
@@ -67,7 +69,10 @@ export class QemuMonitor {
           return false;
         }
       });
-      if (recorded) crashPoint('event:QEMU_EXITED:after-commit');
+      if (recorded) {
+        crashPoint('event:QEMU_EXITED:after-commit');
+        this.effectsWritten();
+      }
     }
   }
 }

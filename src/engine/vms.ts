@@ -44,6 +44,8 @@ export class VmService {
     private readonly hostId: string,
     private readonly defaults: VmDefaults,
     private readonly policy: EffectPolicy,
+    /** Called after a commit that wrote effects: the local worker claims them without waiting for NOTIFY. */
+    private readonly effectsWritten: () => void = () => {},
   ) {}
 
   async create(req: CreateVmRequest): Promise<VmRow> {
@@ -109,6 +111,7 @@ export class VmService {
           return (await this.find(tx, vmId))!;
         });
         crashPoint('event:CREATE:after-commit');
+        this.effectsWritten();
         return vm;
       } catch (err) {
         if (err instanceof PlacementRace || isClaimConflict(err)) continue;
@@ -133,6 +136,7 @@ export class VmService {
       return (await this.find(tx, vmId))!;
     });
     crashPoint('event:DELETE:after-commit');
+    this.effectsWritten();
     return vm;
   }
 
