@@ -59,6 +59,8 @@ describe(`event store (${usingPostgres ? 'postgres' : 'pglite'})`, () => {
   });
 
   it('reads the global log across streams in a stable order, page by page', async () => {
+    // Positions crossing a power of ten in one transaction: the order must be numeric, not textual.
+    await appendEvents(db.kysely, 'vm:many', 0, Array.from({ length: 12 }, (_, i) => event(`M${i}`)));
     const all = [];
     let cursor;
     for (;;) {
@@ -70,6 +72,12 @@ describe(`event store (${usingPostgres ? 'postgres' : 'pglite'})`, () => {
     const total = await db.kysely.selectFrom('events').select((eb) => eb.fn.countAll<string>().as('n')).executeTakeFirstOrThrow();
     expect(all).toHaveLength(Number(total.n));
     expect(new Set(all.map((e) => e.position)).size).toBe(all.length);
+    const order = all.map((e) => [BigInt(e.txId), BigInt(e.position)] as const);
+    for (let i = 1; i < order.length; i++) {
+      const [[t0, p0], [t1, p1]] = [order[i - 1]!, order[i]!];
+      expect(t0 < t1 || (t0 === t1 && p0 < p1), `log order at ${i}: (${t0}, ${p0}) then (${t1}, ${p1})`).toBe(true);
+    }
+    expect(all.filter((e) => e.streamId === 'vm:many').map((e) => e.type)).toEqual(Array.from({ length: 12 }, (_, i) => `M${i}`));
   });
 
   it.runIf(usingPostgres)('never skips an event whose transaction commits late', async () => {

@@ -112,7 +112,15 @@ export function createHandlers(host: HostAdapters, hooks: HandlerHooks = {}): Ef
     },
 
     async confirmInactive(p: PartitionEffectParams) {
-      if (await fm(() => host.fmpm.isActive(p.partitionId))) throw new NotYetError(`fmpm -l still shows partition ${p.partitionId} active`);
+      if (await fm(() => host.fmpm.isActive(p.partitionId))) {
+        // Active again after fmpm -d succeeded: a Fabric Manager restarted in resiliency mode was
+        // handed this partition in its activated list (the guard answers from the log, which cannot
+        // tell whether -d ran before the restart). QEMU is gone and the GPUs are back on the host
+        // driver, so deactivating again is the safe direction; the retry confirms.
+        await assertQemuGone(p, 'deactivation');
+        await fm(() => host.fmpm.deactivate(p.partitionId));
+        throw new NotYetError(`fmpm -l showed partition ${p.partitionId} active again after deactivation; deactivated it again`);
+      }
       return toPartition(p, { type: 'CONFIRMED_INACTIVE' });
     },
 

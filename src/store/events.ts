@@ -168,7 +168,7 @@ export async function readStreams(db: Executor, streamIds?: string[]): Promise<M
   if (streamIds?.length === 0) return byStream;
   let q = db.selectFrom('events').select(eventColumns);
   if (streamIds) q = q.where('stream_id', 'in', streamIds);
-  const rows = await q.orderBy('stream_id').orderBy('stream_version').orderBy('position').execute();
+  const rows = await q.orderBy('stream_id').orderBy('stream_version').orderBy('events.position').execute();
   for (const r of rows) {
     const e = toStoredEvent(r as EventRow);
     let list = byStream.get(e.streamId);
@@ -183,7 +183,7 @@ export async function readCorrelated(db: Executor, correlationId: string): Promi
     .selectFrom('events')
     .select(eventColumns)
     .where('correlation_id', '=', correlationId)
-    .orderBy('position')
+    .orderBy('events.position')
     .execute();
   return rows.map((r) => toStoredEvent(r as EventRow));
 }
@@ -208,8 +208,10 @@ export async function readLog(db: Executor, cursor: LogCursor = LOG_START, limit
     .select(eventColumns)
     .where(sql<boolean>`(tx_id, position) > (${cursor.txId}::xid8, ${cursor.position}::bigint)`)
     .where(sql<boolean>`tx_id < pg_snapshot_xmin(pg_current_snapshot())`)
-    .orderBy('tx_id')
-    .orderBy('position')
+    // Qualified: a bare name would sort by the selected text aliases (tx_id::text, position::text),
+    // and '10' sorts before '9'.
+    .orderBy('events.tx_id')
+    .orderBy('events.position')
     .limit(limit)
     .execute();
   const events = rows.map((r) => toStoredEvent(r as EventRow));
