@@ -4,7 +4,8 @@
  */
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { restartFabricManager } from '../src/host/sim/sim-host.ts';
+import { createHandlers } from '../src/engine/handlers.ts';
+import { loadSimHost, restartFabricManager } from '../src/host/sim/sim-host.ts';
 import { expectInvariantsAtRest } from './support/invariants.ts';
 import { startTestService, usingPostgres, waitUntil, type TestService } from './support/env.ts';
 
@@ -53,5 +54,18 @@ describe(`Fabric Manager restart (${usingPostgres ? 'postgres' : 'pglite'})`, ()
     await t.service.vms.delete(vm.id, 'test');
     await until(vm.id, 'deleted');
     await expectInvariantsAtRest(t.service);
+  });
+
+  it('deactivates again a partition a restarted Fabric Manager was told is active after its fmpm -d', async () => {
+    // The guard answers from the log: a partition between fmpm -d and its confirmation is still
+    // "active" there, so Fabric Manager activates it again. confirmInactive must not wait forever.
+    const { host } = t.service;
+    const gpus = (await loadSimHost(simRoot())).gpus.filter((g) => g.moduleId === 7 || g.moduleId === 8).map((g) => ({ moduleId: g.moduleId, pciAddress: g.pciAddress }));
+    const params = { hostId: host.hostId, partitionId: 7, vmId: 'vm-gone000001', gpus };
+    await host.fmpm.activate(7);
+    const handlers = createHandlers(host);
+    await expect(handlers.confirmInactive!(params, {} as never)).rejects.toThrow(/active again after deactivation; deactivated it again/);
+    expect(await activeNow()).toEqual([]);
+    await expect(handlers.confirmInactive!(params, {} as never)).resolves.toEqual({ deliver: { streamId: 'partition:sim-b200:7', event: { type: 'CONFIRMED_INACTIVE' } } });
   });
 });
