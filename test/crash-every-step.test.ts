@@ -55,8 +55,12 @@ async function start(walk: Walk): Promise<ServeChild> {
 
 const alive = (c: ServeChild) => c.proc.exitCode === null && c.proc.signalCode === null;
 
-/** Calls the API, restarting the service whenever it died at a crash point, until `done` holds. */
-async function drive(walk: Walk, step: () => Promise<boolean>, what: string, timeoutMs = 240_000): Promise<void> {
+/**
+ * Calls the API, restarting the service whenever it died at a crash point, until `done` holds. The
+ * time limit is generous: every restart is a Node start (seconds on a loaded machine), and a phase
+ * has up to ~30 of them.
+ */
+async function drive(walk: Walk, step: () => Promise<boolean>, what: string, timeoutMs = 600_000): Promise<void> {
   const deadline = Date.now() + timeoutMs;
   for (;;) {
     if (!child || !alive(child)) {
