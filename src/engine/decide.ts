@@ -5,7 +5,7 @@
  * returns the next snapshot and the actions to run without running them. `fold` replays a whole
  * stream the same way. Nothing here touches the database or the clock.
  */
-import { initialTransition, transition, type AnyStateMachine } from 'xstate';
+import { createActor, type AnyActorScope, type AnyMachineSnapshot, type AnyStateMachine } from 'xstate';
 import { machines, streamKind, type StreamKind } from '../../machines/index.ts';
 import type { StoredEvent } from '../store/events.ts';
 import type { StreamSnapshot } from '../store/projections.ts';
@@ -31,20 +31,51 @@ function machineOf(kind: StreamKind): AnyStateMachine {
   return machines[kind].machine as unknown as AnyStateMachine;
 }
 
+/**
+ * One inert actor scope per machine, made once. xstate's transition() and initialTransition() build a
+ * new actor for every call (createActor, which also computes the machine's initial snapshot) and
+ * throw it away: that was most of the time a decide took. Our machines spawn no children and nothing
+ * here runs an action, only collects it; calls are synchronous, so the collector set around one call
+ * is never seen by another.
+ */
+const scopes = new Map<StreamKind, AnyActorScope>();
+
+function scopeOf(kind: StreamKind): AnyActorScope {
+  let scope = scopes.get(kind);
+  if (!scope) {
+    const self = createActor(machineOf(kind));
+    scope = { self, id: '', sessionId: '', logger: () => {}, defer: () => {}, emit: () => {}, system: self.system, stopChild: () => {}, actionExecutor: () => {} };
+    scopes.set(kind, scope);
+  }
+  return scope;
+}
+
+/** xstate's transition() on the machine's shared scope: the next snapshot and the actions it asks for. */
+function step(kind: StreamKind, snapshot: AnyMachineSnapshot, event: MachineEvent): [AnyMachineSnapshot, { type: string; params?: unknown }[]] {
+  const scope = scopeOf(kind);
+  const actions: { type: string; params?: unknown }[] = [];
+  scope.actionExecutor = (action) => void actions.push(action);
+  try {
+    return [machineOf(kind).transition(snapshot, event, scope), actions];
+  } finally {
+    scope.actionExecutor = () => {};
+  }
+}
+
+const initialSnapshot = (kind: StreamKind): AnyMachineSnapshot => machineOf(kind).getInitialSnapshot(scopeOf(kind));
+
 function stateValue(value: unknown): string {
   // Our machines are flat; a nested value would be serialised the same way here and in the log.
   return typeof value === 'string' ? value : JSON.stringify(value);
 }
 
-function restore(kind: StreamKind, snap: StreamSnapshot | null) {
-  const machine = machineOf(kind);
-  if (snap === null) return initialTransition(machine)[0];
-  return machine.resolveState({ value: snap.state, context: snap.context });
+function restore(kind: StreamKind, snap: StreamSnapshot | null): AnyMachineSnapshot {
+  if (snap === null) return initialSnapshot(kind);
+  return machineOf(kind).resolveState({ value: snap.state, context: snap.context });
 }
 
 export function decide(streamId: string, current: StreamSnapshot | null, event: MachineEvent): Decision {
   const kind = streamKind(streamId);
-  const machine = machineOf(kind);
   const snapshot = restore(kind, current);
   const before = current === null ? null : stateValue(snapshot.value);
   if (!snapshot.can(event)) {
@@ -54,7 +85,7 @@ export function decide(streamId: string, current: StreamSnapshot | null, event: 
       reason: `${kind} ${streamId.slice(kind.length + 1)} is ${before ?? 'not created'}; it cannot take ${event.type} there`,
     };
   }
-  const [next, actions] = transition(machine, snapshot, event);
+  const [next, actions] = step(kind, snapshot, event);
   const after = stateValue(next.value);
   const effects = actions.map((a) => ({ type: a.type, params: (a.params ?? {}) as Record<string, unknown> }));
   const context = next.context as Record<string, unknown>;
@@ -64,27 +95,35 @@ export function decide(streamId: string, current: StreamSnapshot | null, event: 
   return { kind: 'changed', stateBefore: before, stateAfter: after, context, effects, final: next.status === 'done' };
 }
 
-/** Folds stored events into the snapshot they produce; `verify` compares this with the streams table. */
+/**
+ * Folds stored events into the snapshot they produce; `verify` compares this with the streams table.
+ * The xstate snapshot is carried from one event to the next (decide() would rebuild it from state and
+ * context for every event). An event no transition takes leaves the very same snapshot object: that
+ * is decide()'s 'rejected'.
+ */
 export function fold(streamId: string, events: StoredEvent[]): StreamSnapshot | null {
+  if (events.length === 0) return null;
   const kind = streamKind(streamId);
-  let snap = null as StreamSnapshot | null;
+  let snapshot = initialSnapshot(kind);
   for (const e of events) {
-    const d = decide(streamId, snap, { ...e.data, type: e.type });
-    if (d.kind === 'rejected') {
-      throw new Error(`stream ${streamId} version ${e.streamVersion}: ${e.type} does not apply to state ${d.state} on replay`);
+    const [next] = step(kind, snapshot, { ...e.data, type: e.type });
+    if (next === snapshot) {
+      throw new Error(`stream ${streamId} version ${e.streamVersion}: ${e.type} does not apply to state ${stateValue(snapshot.value)} on replay`);
     }
-    snap = {
-      streamId,
-      kind,
-      machineVersion: e.machineVersion,
-      version: e.streamVersion,
-      state: d.kind === 'changed' ? d.stateAfter : d.state,
-      context: d.kind === 'changed' ? d.context : snap!.context,
-      createdAt: snap?.createdAt ?? e.recordedAt,
-      updatedAt: e.recordedAt,
-    };
+    snapshot = next;
   }
-  return snap;
+  const first = events[0]!;
+  const last = events[events.length - 1]!;
+  return {
+    streamId,
+    kind,
+    machineVersion: last.machineVersion,
+    version: last.streamVersion,
+    state: stateValue(snapshot.value),
+    context: snapshot.context as Record<string, unknown>,
+    createdAt: first.recordedAt,
+    updatedAt: last.recordedAt,
+  };
 }
 
 export function sameJson(a: unknown, b: unknown): boolean {
