@@ -6,6 +6,10 @@ import { defineConfig } from 'vitest/config';
  */
 const DATABASE_FREE = ['doctor', 'fmpm', 'history-fixtures', 'host-config', 'machines', 'nvidia-smi', 'qemu', 'qmp', 'sim-host', 'sysfs'];
 
+// The tests start many Node processes (simulated tools, the QEMU stand-in, `gpuvm serve` children);
+// none makes a TLS connection, and loading an extra CA bundle roughly doubles each one's start.
+delete process.env.NODE_EXTRA_CA_CERTS;
+
 export default defineConfig({
   test: {
     include: ['test/**/*.test.ts'],

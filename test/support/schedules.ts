@@ -1,0 +1,858 @@
+/**
+ * Random schedules for the property test (test/schedules.test.ts): what a schedule is, how one runs
+ * against a simulated host, and what "at rest" must look like afterwards.
+ *
+ * A schedule is a short list of commands — VM creates (1/2/4/8 GPUs), deletes (at once, or once the
+ * VM runs), pauses (so the next command lands at a random step of the lifecycles in flight), host
+ * faults (fmpm activation/deactivation failures, Fabric Manager down, unbind EBUSY, a QEMU killed,
+ * Fabric Manager restarted) and crashes of the service. One simulated host and one database serve
+ * many schedules: each schedule ends by clearing the faults and deleting what is left, then the
+ * invariants are checked, so the next one starts from a host at rest — which is exactly the claim
+ * under test.
+ *
+ * Crashes are real: a schedule that holds crashes runs on a `gpuvm serve` child process from its
+ * first command; each crash SIGKILLs it and starts the next one (a child again, or, after the last
+ * crash, the in-process service, which resumes from the log and is the one the checks read through).
+ * Schedules without a crash run on the in-process service, which is cheaper by one process start.
+ */
+import { readdirSync, rmSync } from 'node:fs';
+import { join } from 'node:path';
+import fc from 'fast-check';
+import { sql } from 'kysely';
+import { partitionStream, vmStream } from '../../machines/index.ts';
+import { canonical, fold, sameJson } from '../../src/engine/decide.ts';
+import { clearQuarantine } from '../../src/engine/hosts.ts';
+import { verifyHistory, formatProblem } from '../../src/engine/verify.ts';
+import { QEMU_STANDIN } from '../../src/host/host.ts';
+import { Qemu } from '../../src/host/qemu.ts';
+import { loadSimHost, restartFabricManager, stopSimKernel, writeFaults, type SimHostInfo } from '../../src/host/sim/sim-host.ts';
+import { retryPolicy, startService, type Service } from '../../src/service.ts';
+import { LOG_START, readLog, readStreams } from '../../src/store/events.ts';
+import { claimRows, hostRow, partitionRow, vmRow, type StreamSnapshot } from '../../src/store/projections.ts';
+import { freePort, http, startServeChild, type ServeChild } from './child.ts';
+import { freshDatabaseUrl } from './db.ts';
+import { quietLog, tempDir, testConfig, waitUntil } from './env.ts';
+import { hostPicture } from './invariants.ts';
+
+// ── what a schedule is ───────────────────────────────────────────────────────
+
+/** A VM of this schedule by creation index (taken modulo the number created), or a partition id, or every partition. */
+export type Target = { vm: number } | { partition: number } | 'all';
+
+export type Command =
+  | { do: 'create'; gpus: 1 | 2 | 4 | 8 }
+  | { do: 'delete'; vm: number; when: 'now' | 'running' }
+  | { do: 'wait'; ms: number }
+  | { do: 'crash' }
+  | { do: 'activateFails'; target: Target }
+  | { do: 'deactivateFails'; target: Target; fmReturn: number }
+  | { do: 'fmDown' }
+  | { do: 'unbindBusy'; target: { vm: number } | { gpu: number } }
+  | { do: 'killQemu'; vm: number }
+  | { do: 'fmRestart' }
+  | { do: 'clearFaults'; what: 'fmpm' | 'sysfs' | 'all' };
+
+export type FaultKind = 'activateFails' | 'deactivateFails' | 'fmDown' | 'unbindBusy' | 'killQemu' | 'fmRestart';
+export const FAULT_KINDS: readonly FaultKind[] = ['activateFails', 'deactivateFails', 'fmDown', 'unbindBusy', 'killQemu', 'fmRestart'];
+
+export interface Schedule {
+  commands: Command[];
+  /**
+   * How the schedule ends when faults are still in place: 'clear-first' clears them, then deletes
+   * what is left; 'delete-first' deletes under them for a while first, so the release steps meet
+   * them too (and a partition may end broken, which costs a fresh host).
+   */
+  finish: 'clear-first' | 'delete-first';
+}
+
+/** What this schedule's faults were aimed at, to tell whether a failure is one of theirs. */
+export interface FaultTargets {
+  activateFails: Set<number>;
+  deactivateFails: Set<number>;
+  /** PCI addresses whose unbind answers EBUSY. */
+  unbindBusy: Set<string>;
+  fmDown: boolean;
+  fmRestart: boolean;
+}
+
+/**
+ * Whether an injected fault explains a failure recorded on a partition (its `failure`, which a
+ * failed VM's reason repeats). Read from machines/partition.ts and src/engine/handlers.ts: a step
+ * fails for good on a refusal that cannot be retried (fmpm -a/-d answering an injected error), or
+ * when a retryable one outlasts the effect's retries (Fabric Manager down or restarted and not yet
+ * answered, an unbind that stays EBUSY past the bind timeout). Nothing injected explains a partition
+ * that fmpm -l shows in the wrong state after a successful -a or -d, nor a QEMU that fails to start.
+ */
+export function faultExplains(failure: string, partition: { id: number; pcis: string[] }, t: FaultTargets): boolean {
+  if (/connection-not-valid|cannot-connect/.test(failure)) return t.fmDown || t.deactivateFails.has(partition.id);
+  if (/not-configured/.test(failure)) return t.fmRestart;
+  if (/^activatePartition: .*fmReturn -24/.test(failure)) return t.activateFails.has(partition.id);
+  if (/^deactivatePartition: .*fmReturn -1\b/.test(failure)) return t.deactivateFails.has(partition.id);
+  if (/^(prepareGpus|bindVfio|bindHost|repairPartition): /.test(failure)) return partition.pcis.some((pci) => t.unbindBusy.has(pci));
+  return false;
+}
+
+const vmIndex = fc.nat({ max: 7 });
+/** Weights of aiming at a VM of the schedule (its partition), at a partition id, at every partition. */
+const target = (vm: number, partition: number, all: number): fc.Arbitrary<Target> =>
+  fc.oneof(
+    { weight: vm, arbitrary: vmIndex.map((i) => ({ vm: i })) },
+    // Placement is deterministic (lowest id among the best-packed), so these are the ids VMs get.
+    { weight: partition, arbitrary: fc.constantFrom(1, 2, 4, 5, 8, 9, 10).map((id) => ({ partition: id })) },
+    { weight: all, arbitrary: fc.constant('all' as const) },
+  );
+const create = fc.constantFrom(1, 2, 4, 8).map((gpus) => ({ do: 'create', gpus }) as Command);
+const lifecycleCommand: fc.Arbitrary<Command> = fc.oneof(
+  { weight: 4, arbitrary: create },
+  { weight: 4, arbitrary: fc.record({ vm: vmIndex, when: fc.constantFrom('now', 'running') }).map((c) => ({ do: 'delete', ...c }) as Command) },
+  { weight: 4, arbitrary: fc.integer({ min: 0, max: 900 }).map((ms) => ({ do: 'wait', ms }) as Command) },
+);
+const faultCommand: fc.Arbitrary<Command> = fc.oneof(
+  // Activation matters for VMs created after the fault, so mostly every partition or a likely id;
+  // deactivation for VMs already there, so mostly a VM's partition.
+  { weight: 2, arbitrary: target(1, 2, 3).map((t) => ({ do: 'activateFails', target: t }) as Command) },
+  { weight: 1, arbitrary: fc.record({ target: target(3, 1, 1), fmReturn: fc.constantFrom(-1, -9) }).map((c) => ({ do: 'deactivateFails', ...c }) as Command) },
+  { weight: 2, arbitrary: fc.constant({ do: 'fmDown' } as Command) },
+  {
+    weight: 2,
+    arbitrary: fc
+      .oneof(vmIndex.map((vm) => ({ vm })), fc.nat({ max: 7 }).map((gpu) => ({ gpu })))
+      .map((t) => ({ do: 'unbindBusy', target: t }) as Command),
+  },
+  { weight: 3, arbitrary: vmIndex.map((vm) => ({ do: 'killQemu', vm }) as Command) },
+  { weight: 2, arbitrary: fc.constant({ do: 'fmRestart' } as Command) },
+  { weight: 3, arbitrary: fc.constantFrom('fmpm', 'sysfs', 'all').map((what) => ({ do: 'clearFaults', what }) as Command) },
+);
+
+/** Where crashes go: none in most schedules (each costs a process start), one or two in the rest. */
+export interface ScheduleShape {
+  /** Relative weights of schedules with no host faults, with faults, and with crashes. */
+  plain: number;
+  faulty: number;
+  crashing: number;
+}
+
+export function scheduleArbitrary(shape: ScheduleShape): fc.Arbitrary<Schedule> {
+  const body = (withFaults: boolean) =>
+    fc.array(withFaults ? fc.oneof({ weight: 3, arbitrary: lifecycleCommand }, { weight: 2, arbitrary: faultCommand }) : lifecycleCommand, { minLength: 1, maxLength: 6 });
+  // Every schedule starts with a create: a schedule with no VM checks nothing new.
+  const finish = fc.constantFrom('clear-first' as const, 'delete-first' as const);
+  const plain = fc.tuple(create, body(false), finish).map(([first, rest, f]) => ({ commands: [first, ...rest], finish: f }));
+  const faulty = fc.tuple(create, body(true), finish).map(([first, rest, f]) => ({ commands: [first, ...rest], finish: f }));
+  const crashing = fc
+    .tuple(
+      create,
+      fc.boolean().chain((f) => body(f)),
+      fc.oneof({ weight: 4, arbitrary: fc.tuple(fc.nat({ max: 16 })) }, { weight: 1, arbitrary: fc.tuple(fc.nat({ max: 16 }), fc.nat({ max: 16 })) }),
+      finish,
+    )
+    .map(([first, rest, at, f]) => {
+      const commands = [first, ...rest];
+      for (const p of at) commands.splice(1 + (p % commands.length), 0, { do: 'crash' });
+      return { commands, finish: f };
+    });
+  return fc.oneof({ weight: shape.plain, arbitrary: plain }, { weight: shape.faulty, arbitrary: faulty }, { weight: shape.crashing, arbitrary: crashing });
+}
+
+export function describeCommand(c: Command): string {
+  const t = (x: Target | { vm: number } | { gpu: number }) => (x === 'all' ? 'all' : 'vm' in x ? `vm#${x.vm}` : 'gpu' in x ? `gpu#${x.gpu}` : `partition ${x.partition}`);
+  switch (c.do) {
+    case 'create':
+      return `create ${c.gpus} GPU(s)`;
+    case 'delete':
+      return `delete vm#${c.vm}${c.when === 'running' ? ' once running' : ''}`;
+    case 'wait':
+      return `wait ${c.ms} ms`;
+    case 'crash':
+      return 'crash (SIGKILL gpuvm serve)';
+    case 'activateFails':
+      return `fmpm -a fails on ${t(c.target)}`;
+    case 'deactivateFails':
+      return `fmpm -d fails (${c.fmReturn}) on ${t(c.target)}`;
+    case 'fmDown':
+      return 'Fabric Manager down';
+    case 'unbindBusy':
+      return `unbind EBUSY on ${t(c.target)}`;
+    case 'killQemu':
+      return `kill -9 QEMU of vm#${c.vm} once it runs`;
+    case 'fmRestart':
+      return 'Fabric Manager restarts';
+    case 'clearFaults':
+      return `clear ${c.what} faults`;
+  }
+}
+
+// ── the host the schedules run on ────────────────────────────────────────────
+
+/**
+ * Fast timings (testConfig's, and startServeChild's for the child), with three changes: a bind
+ * that stays EBUSY gives up after 500 ms instead of 3 s, so an unbind fault costs seconds, not
+ * tens of them; the worker polls every second instead of every 200 ms (LISTEN/NOTIFY wakes it) and
+ * the QEMU monitor looks every 200 ms instead of 100, which together halve what an idle service
+ * costs between the schedule's commands (measured: 6.5% of a core on Postgres, 14% on PGlite).
+ */
+const SERVICE_OPTIONS = { qemuBin: QEMU_STANDIN, bindTimeoutMs: 500, pollMs: 1000, monitorIntervalMs: 200, fabricManagerCheckMs: 5000, toolTimeoutMs: 10_000 } as const;
+const CHILD_ENV = {
+  GPUVM_QEMU: QEMU_STANDIN,
+  GPUVM_POLL_MS: '1000',
+  GPUVM_MONITOR_INTERVAL_MS: '200',
+  GPUVM_BIND_TIMEOUT_MS: '500',
+  GPUVM_FM_CHECK_MS: '5000',
+  GPUVM_TOOL_TIMEOUT_MS: '10000',
+  GPUVM_HEALTH_INTERVAL_MS: '3600000',
+  // As testConfig: reconciliation runs once at start (after every crash), not on a timer.
+  GPUVM_RECONCILE_INTERVAL_MS: '3600000',
+  GPUVM_LOG_LEVEL: 'warn',
+};
+
+/**
+ * One simulated host with its database, served by the in-process service or by a `gpuvm serve`
+ * child. QEMU is the QMP stand-in: it exits on system_powerdown, so a delete does not wait for the
+ * powerdown timeout and quit → SIGTERM, and it starts in one node process instead of a TCG guest.
+ */
+export class ScheduleHost {
+  service: Service | null = null;
+  child: ServeChild | null = null;
+  /** The adapter the test uses to see and kill QEMU processes (reads pidfiles; never starts one). */
+  readonly qemu: Qemu;
+  readonly simRoot: string;
+  sim!: SimHostInfo;
+  private port = 0;
+
+  private constructor(
+    readonly dataDir: string,
+    private readonly db: { url: string | undefined; drop: () => Promise<void> },
+  ) {
+    this.qemu = new Qemu({ bin: QEMU_STANDIN, runRoot: join(dataDir, 'run'), accel: 'tcg' });
+    this.simRoot = join(dataDir, 'sim', 'sim-b200');
+  }
+
+  static async open(): Promise<ScheduleHost> {
+    const host = new ScheduleHost(tempDir('gpuvm-sched-'), await freshDatabaseUrl());
+    host.port = await freePort();
+    await host.startInProcess();
+    host.sim = await loadSimHost(host.simRoot);
+    return host;
+  }
+
+  /** The in-process service: the checks need it (PGlite cannot be opened by two processes). */
+  get inProcess(): Service {
+    if (!this.service) throw new Error('the in-process service is not running');
+    return this.service;
+  }
+
+  get url(): string {
+    const url = this.service?.url ?? this.child?.url;
+    if (!url) throw new Error('no gpuvm is serving');
+    return url;
+  }
+
+  async startInProcess(): Promise<void> {
+    this.service = await startService(testConfig(this.dataDir, this.db.url, SERVICE_OPTIONS), { log: quietLog });
+  }
+
+  /** Hands the host to a `gpuvm serve` child: the in-process service stops first (at rest, nothing in flight). */
+  async toChild(): Promise<void> {
+    await this.service?.stop();
+    this.service = null;
+    this.child = await startServeChild({ dataDir: this.dataDir, port: this.port, databaseUrl: this.db.url, env: CHILD_ENV });
+  }
+
+  /** SIGKILLs the child and starts the next gpuvm on the same data: another child, or the in-process service. */
+  async crash(next: 'child' | 'in-process'): Promise<void> {
+    if (!this.child) throw new Error('crash: no child to kill');
+    await this.child.kill('SIGKILL');
+    this.child = null;
+    if (next === 'child') this.child = await startServeChild({ dataDir: this.dataDir, port: this.port, databaseUrl: this.db.url, env: CHILD_ENV });
+    else await this.startInProcess();
+  }
+
+  /** Stops gpuvm, every QEMU and the simulated kernel; drops the database and the folder. */
+  async close(): Promise<void> {
+    await this.child?.kill('SIGKILL').catch(() => {});
+    this.child = null;
+    await this.service?.stop().catch(() => {});
+    this.service = null;
+    let vmIds: string[] = [];
+    try {
+      vmIds = readdirSync(join(this.dataDir, 'run'));
+    } catch {}
+    for (const id of vmIds) await this.qemu.terminate(id, { quitTimeoutMs: 500, termTimeoutMs: 1000 }).catch(() => {});
+    await stopSimKernel(this.simRoot).catch(() => {});
+    // GPUVM_KEEP_TEST_DIRS (as in crash-every-step): keep the data and the database for a post-mortem.
+    if (process.env.GPUVM_KEEP_TEST_DIRS) return console.log(`kept ${this.dataDir} (database ${this.db.url ?? 'PGlite in it'})`);
+    await this.db.drop().catch(() => {});
+    rmSync(this.dataDir, { recursive: true, force: true });
+  }
+}
+
+// ── running one schedule ─────────────────────────────────────────────────────
+
+export interface TraceLine {
+  atMs: number;
+  command: string;
+  result: string;
+}
+
+export interface ScheduleRun {
+  index: number;
+  /** VMs this schedule created, in order. */
+  vms: { id: string; gpus: number; partitionId: number }[];
+  refused: number;
+  deletes: number;
+  crashes: number;
+  /** Faults that took effect (a kill of a live QEMU, a fault written with a target that resolved). */
+  injected: Record<FaultKind, number>;
+  /** What the faults were aimed at. */
+  targets: FaultTargets;
+  /** VMs whose QEMU this schedule killed. */
+  killed: Set<string>;
+  /** The log's last position before the schedule began: its events are the ones after it. */
+  startPosition: string;
+  /** Per VM, the latest Date.now() taken just before an observation that found its QEMU alive. */
+  lastAlive: Map<string, number>;
+  trace: TraceLine[];
+  started: number;
+  ms: { commands: number; restarts: number; settle: number; checks: number };
+}
+
+const noFaults = (): Record<FaultKind, number> => ({ activateFails: 0, deactivateFails: 0, fmDown: 0, unbindBusy: 0, killQemu: 0, fmRestart: 0 });
+
+/** The fault files as this schedule has set them; written whole so clearing one part keeps the rest. */
+interface FaultState {
+  fmpm: { down?: boolean; activateFails?: Record<string, number>; deactivateFails?: Record<string, number> };
+  sysfs: { unbindBusy?: string[] };
+}
+
+const ALL_PARTITIONS = Array.from({ length: 15 }, (_, i) => i + 1);
+
+export function newRun(index: number): ScheduleRun {
+  return {
+    index,
+    vms: [],
+    refused: 0,
+    deletes: 0,
+    crashes: 0,
+    injected: noFaults(),
+    targets: { activateFails: new Set(), deactivateFails: new Set(), unbindBusy: new Set(), fmDown: false, fmRestart: false },
+    killed: new Set(),
+    startPosition: '0',
+    lastAlive: new Map(),
+    trace: [],
+    started: Date.now(),
+    ms: { commands: 0, restarts: 0, settle: 0, checks: 0 },
+  };
+}
+
+/** Runs the commands, then brings the host back to rest. `run` records what happened, also when it throws. */
+export async function runSchedule(host: ScheduleHost, schedule: Schedule, run: ScheduleRun): Promise<void> {
+  const index = run.index;
+  const note = (command: string, result: string) => run.trace.push({ atMs: Date.now() - run.started, command, result });
+  const faults: FaultState = { fmpm: {}, sysfs: {} };
+  const writeAll = () => writeFaults(host.simRoot, { fmpm: faults.fmpm, sysfs: faults.sysfs });
+  const api = (method: string, path: string, body?: unknown) => http(host.url, method, path, body);
+  const pick = (i: number) => (run.vms.length === 0 ? null : run.vms[i % run.vms.length]!);
+  const partitionsOf = (t: Target): number[] | null => {
+    if (t === 'all') return ALL_PARTITIONS;
+    if ('partition' in t) return [t.partition];
+    const vm = pick(t.vm);
+    return vm ? [vm.partitionId] : null;
+  };
+
+  const sampler = startLivenessSampler(host, run);
+  const crashesLeft = () => schedule.commands.slice(commandIndex + 1).some((c) => c.do === 'crash');
+  let commandIndex = -1;
+  try {
+    const last = await host.inProcess.db.kysely.selectFrom('events').select((eb) => eb.fn.max('position').as('p')).executeTakeFirst();
+    run.startPosition = String(last?.p ?? '0');
+    if (schedule.commands.some((c) => c.do === 'crash')) {
+      const t0 = Date.now();
+      await host.toChild();
+      run.ms.restarts += Date.now() - t0;
+      note('(start gpuvm serve child)', `${Date.now() - t0} ms`);
+    }
+    for (const command of schedule.commands) {
+      commandIndex++;
+      const what = describeCommand(command);
+      switch (command.do) {
+        case 'create': {
+          const res = await api('POST', '/v1/vms', { gpus: command.gpus, name: `s${index}-${run.vms.length}` });
+          if (res.status === 202) {
+            run.vms.push({ id: res.body.id, gpus: command.gpus, partitionId: res.body.partition_id });
+            note(what, `vm#${run.vms.length - 1} = ${res.body.id} on partition ${res.body.partition_id}`);
+          } else if (res.status === 409) {
+            run.refused++;
+            note(what, `refused: ${res.body?.error?.message}`);
+          } else throw new Error(`POST /v1/vms answered ${res.status}: ${JSON.stringify(res.body)}`);
+          break;
+        }
+        case 'delete': {
+          const vm = pick(command.vm);
+          if (!vm) {
+            note(what, 'no VM yet');
+            break;
+          }
+          if (command.when === 'running') {
+            const seen = await waitForState(api, vm.id, ['running', 'failed', 'crashed', 'deleted'], 30_000);
+            note(`  (vm#${run.vms.indexOf(vm)} is ${seen})`, '');
+          }
+          const res = await api('DELETE', `/v1/vms/${vm.id}`);
+          if (res.status === 202) run.deletes++;
+          else if (res.status !== 409) throw new Error(`DELETE /v1/vms/${vm.id} answered ${res.status}: ${JSON.stringify(res.body)}`);
+          note(what, `${vm.id}: ${res.status === 202 ? res.body.state : `409 ${res.body?.error?.message}`}`);
+          break;
+        }
+        case 'wait':
+          await new Promise((r) => setTimeout(r, command.ms));
+          note(what, '');
+          break;
+        case 'crash': {
+          const next = crashesLeft() ? 'child' : 'in-process';
+          const t0 = Date.now();
+          await host.crash(next);
+          run.crashes++;
+          run.ms.restarts += Date.now() - t0;
+          note(what, `restarted as ${next === 'child' ? 'a new child' : 'the in-process service'} in ${Date.now() - t0} ms`);
+          break;
+        }
+        case 'activateFails':
+        case 'deactivateFails': {
+          const ids = partitionsOf(command.target);
+          if (!ids) {
+            note(what, 'no VM yet');
+            break;
+          }
+          const code = command.do === 'activateFails' ? -24 : command.fmReturn;
+          faults.fmpm[command.do] = { ...faults.fmpm[command.do], ...Object.fromEntries(ids.map((id) => [String(id), code])) };
+          await writeAll();
+          run.injected[command.do]++;
+          for (const id of ids) run.targets[command.do].add(id);
+          note(what, `partitions ${ids.join(',')}`);
+          break;
+        }
+        case 'fmDown':
+          faults.fmpm.down = true;
+          await writeAll();
+          run.injected.fmDown++;
+          run.targets.fmDown = true;
+          note(what, '');
+          break;
+        case 'unbindBusy': {
+          const t = command.target;
+          let pci: string | undefined;
+          if ('gpu' in t) pci = host.sim.gpus[t.gpu % host.sim.gpus.length]!.pciAddress;
+          else {
+            const vm = pick(t.vm);
+            const row = vm ? await getVm(api, vm.id) : null;
+            pci = row?.gpus?.[0]?.pciAddress;
+          }
+          if (!pci) {
+            note(what, 'no VM yet');
+            break;
+          }
+          faults.sysfs.unbindBusy = [...new Set([...(faults.sysfs.unbindBusy ?? []), pci])];
+          await writeAll();
+          run.injected.unbindBusy++;
+          run.targets.unbindBusy.add(pci);
+          note(what, pci);
+          break;
+        }
+        case 'killQemu': {
+          const vm = pick(command.vm);
+          // A QEMU can only die once it runs: wait for that (or for the VM to end without one).
+          if (vm) await waitForState(api, vm.id, ['running', 'failed', 'crashed', 'deleted'], 30_000);
+          const status = vm ? await host.qemu.status(vm.id) : null;
+          if (!vm || !status?.running || !status.pid) {
+            note(what, vm ? 'no live QEMU' : 'no VM yet');
+            break;
+          }
+          bumpAlive(run, vm.id, Date.now());
+          process.kill(status.pid, 'SIGKILL');
+          run.killed.add(vm.id);
+          run.injected.killQemu++;
+          note(what, `${vm.id} pid ${status.pid}`);
+          break;
+        }
+        case 'fmRestart':
+          await restartFabricManager(host.simRoot, { timeoutMs: 60_000 });
+          run.injected.fmRestart++;
+          run.targets.fmRestart = true;
+          note(what, '');
+          break;
+        case 'clearFaults':
+          if (command.what !== 'sysfs') faults.fmpm = {};
+          if (command.what !== 'fmpm') faults.sysfs = {};
+          await writeAll();
+          note(what, '');
+          break;
+      }
+    }
+    run.ms.commands = Date.now() - run.started - run.ms.restarts;
+
+    // ── back to rest: faults cleared, Fabric Manager answered, everything deleted ──
+    const t0 = Date.now();
+    if (schedule.finish === 'delete-first' && (Object.keys(faults.fmpm).length > 0 || (faults.sysfs.unbindBusy?.length ?? 0) > 0)) {
+      // Faults still in place: tear down under them first, so release steps meet them too (for a
+      // while: a fault that outlasts a step's retries fails it, which is what this is for).
+      for (const vm of run.vms) await api('DELETE', `/v1/vms/${vm.id}`);
+      const ids = run.vms.map((v) => v.id);
+      await waitUntil('the VMs to end under the faults', async () => (await Promise.all(ids.map((id) => getVm(api, id)))).every((v) => ['deleted', 'failed', 'crashed'].includes(v?.state)), 2_000, 100).catch(() => {});
+      note('(delete everything, faults still in place)', `${Date.now() - t0} ms`);
+    }
+    await writeFaults(host.simRoot, { fmpm: null, sysfs: null });
+    await settle(host, run);
+    run.ms.settle = Date.now() - t0;
+    note('(at rest)', `${run.ms.settle} ms to settle`);
+  } catch (err) {
+    note('(failed)', err instanceof Error ? err.message : String(err));
+    throw err;
+  } finally {
+    await sampler.stop();
+  }
+}
+
+function bumpAlive(run: ScheduleRun, vmId: string, at: number): void {
+  if ((run.lastAlive.get(vmId) ?? 0) < at) run.lastAlive.set(vmId, at);
+}
+
+/** Looks at the schedule's VMs' QEMU processes every 100 ms; feeds the invariant-2 check. */
+function startLivenessSampler(host: ScheduleHost, run: ScheduleRun): { stop: () => Promise<void> } {
+  let busy: Promise<void> | null = null;
+  const timer = setInterval(() => {
+    if (busy) return;
+    busy = (async () => {
+      for (const vm of run.vms) {
+        const before = Date.now();
+        if ((await host.qemu.status(vm.id).catch(() => ({ running: false }))).running) bumpAlive(run, vm.id, before);
+      }
+    })().finally(() => (busy = null));
+  }, 100);
+  return {
+    stop: async () => {
+      clearInterval(timer);
+      await busy;
+    },
+  };
+}
+
+type Api = (method: string, path: string, body?: unknown) => Promise<{ status: number; body: any }>;
+
+async function getVm(api: Api, id: string): Promise<any | null> {
+  const res = await api('GET', `/v1/vms/${id}`);
+  return res.status === 200 ? res.body : null;
+}
+
+async function waitForState(api: Api, id: string, states: string[], timeoutMs: number): Promise<string> {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const state = (await getVm(api, id))?.state ?? 'unknown';
+    if (states.includes(state) || Date.now() > deadline) return state;
+    await new Promise((r) => setTimeout(r, 40));
+  }
+}
+
+const SETTLE_TIMEOUT_MS = 90_000;
+
+/** Answers a restarted Fabric Manager, deletes every VM of the schedule, waits for the outbox to drain. */
+async function settle(host: ScheduleHost, run: ScheduleRun): Promise<void> {
+  const service = host.inProcess;
+  const db = service.db.kysely;
+  // A restarted Fabric Manager refuses every call until it has its activated list. The guard
+  // answers on its own (periodically, or when a handler is refused); kick it now to keep this short.
+  // (Not check(): a second pass beside the guard's own would race it to --set-activated-list.)
+  if (run.injected.fmRestart > 0) {
+    await waitUntil(
+      'Fabric Manager to answer',
+      async () => {
+        service.fabricManager.kick();
+        return service.host.fmpm.list().then(() => true, () => false);
+      },
+      30_000,
+      200,
+    );
+  }
+  for (const vm of run.vms) {
+    await service.vms.delete(vm.id, 'schedules').catch((err: { status?: number }) => {
+      if (err?.status !== 409) throw err;
+    });
+  }
+  const ids = run.vms.map((v) => v.id);
+  await waitUntil(
+    'every VM deleted and the outbox drained',
+    async () => {
+      if (ids.length > 0) {
+        const left = await db.selectFrom('vms').select('id').where('id', 'in', ids).where('state', '!=', 'deleted').execute();
+        if (left.length > 0) return false;
+      }
+      // Powerdown timers may still be due; they only deliver an event a deleted VM ignores.
+      const open = await db.selectFrom('effects').select('id').where('status', 'in', ['pending', 'running']).where('type', '!=', 'powerdownTimer').limit(1).execute();
+      return open.length === 0;
+    },
+    SETTLE_TIMEOUT_MS,
+    50,
+  );
+}
+
+// ── the invariants at rest ───────────────────────────────────────────────────
+
+export interface RestReport {
+  violations: string[];
+  /** Partitions left holding their GPUs for an operator: `broken` (release failed) or `unrepaired` (drift repair failed). */
+  stuck: number[];
+  quarantined: number[];
+  outcomes: { deleted: number; failed: number; crashed: number };
+  /** DRIFT_DETECTED events this schedule caused (reconciliation at a restart). */
+  drifts: number;
+}
+
+const ms = (d: Date | string) => new Date(d).getTime();
+/** Partition states an operator must repair; they keep their GPUs' claims. */
+const STUCK = ['broken', 'unrepaired'];
+
+/**
+ * DESIGN §3.3 at rest, after one schedule, with the operator's exceptions made explicit: a
+ * partition whose release failed for good (`broken`) or whose drift repair failed (`unrepaired`)
+ * keeps its GPUs until an operator repairs the host ("stuck" below).
+ *
+ * 1. Claims are exactly the GPUs of stuck partitions (nothing else holds a GPU once every VM is
+ *    deleted); a module is claimed once (the primary key).
+ * 2. No partition was deactivated while its VM's QEMU lived: from the log, every bindHost and
+ *    deactivatePartition try for a VM that had a startQemu began after a releasePartition try of
+ *    that VM had found its QEMU gone; from the host, no deactivation of a VM's partition finished
+ *    before an instant at which this test saw that VM's QEMU alive.
+ * 3. No QEMU alive; every GPU on nvidia, except that a stuck partition's GPUs may still be on
+ *    vfio-pci; every partition active in `fmpm -l` is stuck.
+ * 4. Folding each stream this schedule touched (its VMs, every partition, the host) gives the
+ *    stored rows (the whole log is refolded by the periodic full check).
+ * Plus what the faults may explain: a partition ends stuck or quarantined, a VM failed, or a VM's
+ * release failed, only with a recorded failure that a fault of this schedule aimed at that
+ * partition explains (faultExplains); a VM crashed only if this test killed its QEMU; reconciliation
+ * finds drift only after a host fault. So a schedule of creates, deletes and crashes must end exactly
+ * as it would with no crash: every VM deleted, never failed or crashed, nothing drifted (invariant 5).
+ */
+export async function checkAtRest(host: ScheduleHost, run: ScheduleRun): Promise<RestReport> {
+  const service = host.inProcess;
+  const db = service.db.kysely;
+  const violations: string[] = [];
+  const injected = new Set(FAULT_KINDS.filter((k) => run.injected[k] > 0));
+  const partitions = await db.selectFrom('partitions').selectAll().where('host_id', '=', service.host.hostId).orderBy('partition_id').execute();
+  const pciOf = (m: number) => host.sim.gpus.find((g) => g.moduleId === m)!.pciAddress;
+  const partitionView = (id: number) => ({ id, pcis: (partitions.find((p) => p.partition_id === id)?.modules ?? []).map(pciOf) });
+  const explained = (failure: string | null, partitionId: number) => failure !== null && faultExplains(failure, partitionView(partitionId), run.targets);
+  const RELEASE_FAILED = 'partition release failed: ';
+
+  // VMs: all deleted; how each got there, and why.
+  const vmIds = run.vms.map((v) => v.id);
+  const outcomes = { deleted: 0, failed: 0, crashed: 0 };
+  const notDeleted = await db.selectFrom('vms').select(['id', 'state']).where('state', '!=', 'deleted').execute();
+  for (const v of notDeleted) violations.push(`VM ${v.id} is ${v.state} at rest`);
+  // The machine's `outcome` says how the VM ended even when a DELETE cut the way to `failed` or
+  // `crashed` short (a delete while releasing ends `deleted`, the outcome and reason stay).
+  const contexts = new Map(
+    (vmIds.length ? await db.selectFrom('streams').select(['stream_id', 'context']).where('stream_id', 'in', vmIds.map(vmStream)).execute() : []).map((r) => [
+      r.stream_id,
+      r.context as { outcome?: string; reason?: string | null },
+    ]),
+  );
+  for (const vm of run.vms) {
+    const { outcome, reason = null } = contexts.get(vmStream(vm.id)) ?? {};
+    if (outcome === 'failed') {
+      outcomes.failed++;
+      // A QEMU killed while it started makes startQemu fail: the kill explains it.
+      if (!run.killed.has(vm.id) && !explained(reason, vm.partitionId)) violations.push(`VM ${vm.id} failed (${reason}); no injected fault explains it`);
+    } else if (outcome === 'crashed') {
+      outcomes.crashed++;
+      if (!run.killed.has(vm.id)) violations.push(`VM ${vm.id} crashed (${reason}) but its QEMU was not killed by the test`);
+    } else outcomes.deleted++;
+    if (reason?.startsWith(RELEASE_FAILED) && !explained(reason.slice(RELEASE_FAILED.length), vm.partitionId)) {
+      violations.push(`VM ${vm.id}: ${reason}; no injected fault explains it`);
+    }
+  }
+
+  // Partitions: free, quarantined or stuck, and only for a reason an injected fault gives.
+  const stuck = partitions.filter((p) => STUCK.includes(p.state));
+  const quarantined = partitions.filter((p) => p.state === 'quarantined');
+  for (const p of partitions) {
+    if (!['free', 'quarantined', ...STUCK].includes(p.state)) violations.push(`partition ${p.partition_id} is ${p.state} at rest`);
+    else if (p.state !== 'free' && !explained(p.failure, p.partition_id)) {
+      violations.push(`partition ${p.partition_id} ended ${p.state} (${p.failure}); no injected fault explains it (injected: ${[...injected].join(', ') || 'none'})`);
+    }
+  }
+  const drifts = await db
+    .selectFrom('events')
+    .select(['stream_id', 'data'])
+    .where('type', '=', 'DRIFT_DETECTED')
+    .where(sql<boolean>`position > ${run.startPosition}::bigint`)
+    .execute();
+  if (drifts.length > 0 && injected.size === 0) {
+    violations.push(`reconciliation found drift with no host fault injected: ${drifts.map((d) => `${d.stream_id} ${JSON.stringify(d.data)}`).join('; ')}`);
+  }
+
+  // 3: the host.
+  const picture = await hostPicture(service);
+  const stuckIds = new Set(stuck.map((p) => p.partition_id));
+  const strayActive = picture.activePartitions.filter((id) => !stuckIds.has(id));
+  if (strayActive.length > 0) violations.push(`fmpm -l shows partition(s) ${strayActive.join(', ')} active with no VM`);
+  if (picture.liveQemu.length > 0) violations.push(`QEMU still alive for ${picture.liveQemu.join(', ')}`);
+  const stuckPci = new Set(stuck.flatMap((p) => p.modules.map(pciOf)));
+  for (const [pci, driver] of Object.entries(picture.drivers)) {
+    const ok = stuckPci.has(pci) ? driver === 'nvidia' || driver === 'vfio-pci' : driver === 'nvidia';
+    if (!ok) violations.push(`GPU ${pci} is on ${driver ?? 'no driver'}${stuckPci.has(pci) ? ' (in a stuck partition)' : ''}`);
+  }
+
+  // 1: claims are the stuck partitions' modules.
+  const claims = (await db.selectFrom('gpu_claims').selectAll().execute()).map((c) => `${c.module_id}@${c.partition_id}`).sort();
+  const expectedClaims = stuck.flatMap((p) => p.modules.map((m) => `${m}@${p.partition_id}`)).sort();
+  if (!sameJson(claims, expectedClaims)) violations.push(`GPU claims ${JSON.stringify(claims)}, expected ${JSON.stringify(expectedClaims)} (the stuck partitions' modules)`);
+
+  // 2: never deactivated (or rebound) under a live QEMU.
+  violations.push(...(await checkNoDeactivationUnderLiveQemu(service, run)));
+
+  // 4: the touched streams fold to their rows.
+  const streams = [...vmIds.map(vmStream), ...partitions.map((p) => partitionStream(p.host_id, p.partition_id)), `host:${service.host.hostId}`];
+  violations.push(...(await foldAndCompare(service, streams)));
+
+  // Nothing left in the outbox but powerdown timers.
+  const open = await db.selectFrom('effects').select(['id', 'type', 'status']).where('status', 'in', ['pending', 'running']).where('type', '!=', 'powerdownTimer').execute();
+  for (const e of open) violations.push(`effect ${e.id} (${e.type}) is still ${e.status}`);
+
+  return { violations, stuck: [...stuckIds], quarantined: quarantined.map((p) => p.partition_id), outcomes, drifts: drifts.length };
+}
+
+async function checkNoDeactivationUnderLiveQemu(service: Service, run: ScheduleRun): Promise<string[]> {
+  if (run.vms.length === 0) return [];
+  const db = service.db.kysely;
+  const violations: string[] = [];
+  const rows = await db
+    .selectFrom('effects as e')
+    .innerJoin('effect_attempts as a', 'a.effect_id', 'e.id')
+    .select(['e.id', 'e.type', 'e.params', 'a.attempt', 'a.started_at', 'a.finished_at', 'a.outcome'])
+    .where('e.type', 'in', ['startQemu', 'releasePartition', 'bindHost', 'deactivatePartition'])
+    // A VM's effects and its partition cycle's carry the VM id as correlation id (indexed).
+    .where('e.correlation_id', 'in', run.vms.map((v) => v.id))
+    .where(sql<string>`e.params->>'vmId'`, 'in', run.vms.map((v) => v.id))
+    .execute();
+  for (const vm of run.vms) {
+    const mine = rows.filter((r) => (r.params as { vmId?: string }).vmId === vm.id);
+    const started = mine.some((r) => r.type === 'startQemu');
+    const releasedAt = mine.filter((r) => r.type === 'releasePartition' && r.outcome === 'ok').map((r) => ms(r.finished_at));
+    const firstRelease = releasedAt.length ? Math.min(...releasedAt) : null;
+    const lastAlive = run.lastAlive.get(vm.id);
+    for (const r of mine.filter((x) => x.type === 'bindHost' || x.type === 'deactivatePartition')) {
+      const what = `${r.type} try ${r.attempt} of ${vm.id}'s partition ${vm.partitionId} (${r.outcome}, ${new Date(r.started_at).toISOString()})`;
+      if (started && (firstRelease === null || ms(r.started_at) < firstRelease)) {
+        violations.push(`${what} began before a releasePartition had found the VM's QEMU gone`);
+      }
+      // Timestamps: the database's now() against this process's Date.now(), one host clock.
+      if (r.type === 'deactivatePartition' && r.outcome === 'ok' && lastAlive !== undefined && ms(r.finished_at) + 5 < lastAlive) {
+        violations.push(`${what} finished at ${new Date(r.finished_at).toISOString()}, but the VM's QEMU was seen alive at ${new Date(lastAlive).toISOString()}`);
+      }
+    }
+  }
+  return violations;
+}
+
+/** Invariant 4 for some streams: the fold of each equals its stored stream row and read row; claims from all partitions. */
+async function foldAndCompare(service: Service, streamIds: string[]): Promise<string[]> {
+  const db = service.db.kysely;
+  const plain = (row: object | undefined | null) => (row ? canonical(JSON.parse(JSON.stringify(row))) : null);
+  const violations: string[] = [];
+  // A few bulk reads rather than three per stream: this runs after every schedule.
+  const logs = await readStreams(db, streamIds);
+  const storedStreams = new Map((await db.selectFrom('streams').selectAll().where('stream_id', 'in', streamIds).execute()).map((r) => [r.stream_id, r]));
+  const vmIds = streamIds.filter((id) => id.startsWith('vm:')).map((id) => id.slice(3));
+  const storedVms = new Map((vmIds.length ? await db.selectFrom('vms').selectAll().where('id', 'in', vmIds).execute() : []).map((r) => [r.id, r]));
+  const storedPartitions = new Map((await db.selectFrom('partitions').selectAll().execute()).map((r) => [`${r.host_id}/${r.partition_id}`, r]));
+  const storedHosts = new Map((await db.selectFrom('hosts').selectAll().execute()).map((r) => [r.id, r]));
+  const rebuiltClaims: object[] = [];
+  for (const streamId of streamIds) {
+    const snap = fold(streamId, logs.get(streamId) ?? []) as StreamSnapshot | null;
+    if (!snap) {
+      violations.push(`${streamId}: no events`);
+      continue;
+    }
+    const rebuilt = { stream_id: snap.streamId, machine: snap.kind, machine_version: snap.machineVersion, version: snap.version, state: snap.state, context: snap.context, created_at: snap.createdAt, updated_at: snap.updatedAt };
+    if (!sameJson(plain(storedStreams.get(streamId)), plain(rebuilt))) violations.push(`${streamId}: streams row differs from the fold`);
+    let storedRow: object | undefined;
+    let rebuiltRow: object;
+    if (snap.kind === 'vm') {
+      const row = vmRow(snap);
+      [rebuiltRow, storedRow] = [row, storedVms.get(row.id)];
+    } else if (snap.kind === 'partition') {
+      const row = partitionRow(snap);
+      [rebuiltRow, storedRow] = [row, storedPartitions.get(`${row.host_id}/${row.partition_id}`)];
+      rebuiltClaims.push(...claimRows(snap));
+    } else {
+      const row = hostRow(snap);
+      [rebuiltRow, storedRow] = [row, storedHosts.get(row.id)];
+    }
+    if (!sameJson(plain(storedRow), plain(rebuiltRow))) violations.push(`${streamId}: ${snap.kind} row ${JSON.stringify(plain(storedRow))} differs from the fold ${JSON.stringify(plain(rebuiltRow))}`);
+  }
+  const key = (c: any) => `${c.host_id}/${c.module_id}`;
+  const storedClaims = (await db.selectFrom('gpu_claims').selectAll().execute()).map(plain).sort((a: any, b: any) => key(a).localeCompare(key(b)));
+  const rebuilt = rebuiltClaims.map(plain).sort((a: any, b: any) => key(a).localeCompare(key(b)));
+  if (!sameJson(storedClaims, rebuilt)) violations.push(`gpu_claims ${JSON.stringify(storedClaims)} differ from the partitions' folds ${JSON.stringify(rebuilt)}`);
+  return violations;
+}
+
+/**
+ * The whole history at once: `gpuvm verify` (every stream refolded and replayed against the outbox,
+ * every projection compared, invariants 1 and 2 over the global log), and the global log as
+ * readers page through it (DESIGN §3.1: commit-safe order, every event exactly once). A stuck
+ * partition is the one expected finding: its VM is deleted but the partition never returned (an
+ * operator must act).
+ */
+export async function checkWholeHistory(service: Service, stuckPartitions: ReadonlySet<number>): Promise<{ violations: string[]; streams: number; events: number }> {
+  const report = await verifyHistory(service.db.kysely);
+  const hostId = service.host.hostId;
+  const expected = (p: { code: string; message: string }) =>
+    p.code === 'partition-not-returned' && [...stuckPartitions].some((id) => p.message.includes(`(${partitionStream(hostId, id)} `));
+  const violations = report.problems.filter((p) => !expected(p)).map(formatProblem);
+  violations.push(...(await checkLogOrder(service)));
+  return { violations, streams: report.streams, events: report.events };
+}
+
+/** readLog, paged as verify pages it, in one snapshot: (tx id, position) strictly increasing, and every event once. */
+async function checkLogOrder(service: Service): Promise<string[]> {
+  return service.db.kysely
+    .transaction()
+    .setIsolationLevel('repeatable read')
+    .execute(async (tx) => {
+      const { count } = await tx
+        .selectFrom('events')
+        .select((eb) => eb.fn.countAll<string>().as('count'))
+        .where(sql<boolean>`tx_id < pg_snapshot_xmin(pg_current_snapshot())`)
+        .executeTakeFirstOrThrow();
+      const violations: string[] = [];
+      const seen = new Set<string>();
+      let previous: { tx: bigint; position: bigint } | null = null;
+      for (let cursor = LOG_START; ; ) {
+        const page = await readLog(tx, cursor, 1000);
+        if (page.events.length === 0) break;
+        cursor = page.next;
+        for (const e of page.events) {
+          const here = { tx: BigInt(e.txId), position: BigInt(e.position) };
+          if (previous && (here.tx < previous.tx || (here.tx === previous.tx && here.position <= previous.position)) && violations.length < 3) {
+            violations.push(`readLog: event at position ${e.position} (tx ${e.txId}) comes after position ${previous.position} (tx ${previous.tx}): not in commit-safe order`);
+          }
+          if (seen.has(e.position) && violations.length < 3) violations.push(`readLog: event at position ${e.position} read twice`);
+          seen.add(e.position);
+          previous = here;
+        }
+      }
+      if (seen.size !== Number(count)) violations.push(`readLog: paging through the log gave ${seen.size} distinct events of the ${count} committed`);
+      return violations;
+    });
+}
+
+/** After the checks: quarantined partitions back in service so the next schedule has the whole board. */
+export async function clearQuarantinedPartitions(service: Service): Promise<number> {
+  const q = await service.db.kysely.selectFrom('partitions').select('partition_id').where('state', '=', 'quarantined').execute();
+  if (q.length === 0) return 0;
+  const cleared = await clearQuarantine(service.db.kysely, service.host.hostId, { all: true }, 'test:schedules', retryPolicy(service.config));
+  return cleared.partitions.length;
+}
+
+export function formatTrace(run: ScheduleRun): string {
+  return run.trace.map((l) => `  +${String(l.atMs).padStart(6)} ms  ${l.command}${l.result ? ` → ${l.result}` : ''}`).join('\n');
+}
