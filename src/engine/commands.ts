@@ -27,7 +27,7 @@ export interface EffectPolicy {
 export type ApplyResult =
   | { kind: 'rejected'; state: string; reason: string; snapshot: StreamSnapshot | null }
   | { kind: 'unchanged'; state: string; snapshot: StreamSnapshot }
-  | { kind: 'changed'; snapshot: StreamSnapshot; effectIds: string[]; position: string; claimed: ClaimedEffect[] };
+  | { kind: 'changed'; snapshot: StreamSnapshot; position: string; claimed: ClaimedEffect[] };
 
 /** An effect a worker holds the lease of, ready to run. */
 export interface ClaimedEffect {
@@ -134,7 +134,6 @@ export async function applyEvent(
   };
   await writeProjections(tx, next, snapshot);
 
-  const effectIds: string[] = [];
   const claimed: ClaimedEffect[] = [];
   if (decision.effects.length > 0) {
     const hostId = String(decision.context.hostId);
@@ -142,7 +141,6 @@ export async function applyEvent(
     let pendingHere = false;
     const rows = decision.effects.map((e, i) => {
       const id = effectId(streamId, next.version, i);
-      effectIds.push(id);
       const delayMs = typeof e.params.delayMs === 'number' ? e.params.delayMs : 0;
       const maxAttempts = policy.maxAttempts(e.type);
       const take = claimFor !== undefined && claimFor.hostId === hostId && delayMs === 0 && claimed.length < claimFor.limit;
@@ -169,7 +167,7 @@ export async function applyEvent(
   }
   // Everything is written but not committed: a kill here loses all of it, as a crash before commit.
   crashPoint(`event:${type}:before-commit`);
-  return { kind: 'changed', snapshot: next, effectIds, position: positions[0]!, claimed };
+  return { kind: 'changed', snapshot: next, position: positions[0]!, claimed };
 }
 
 /** Serialization failures and deadlocks are worth a retry, like a lost optimistic race. */
