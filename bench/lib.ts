@@ -19,6 +19,7 @@ import pg from 'pg';
 import pino from 'pino';
 import { loadConfig, type Config } from '../src/config.ts';
 import { VmService } from '../src/engine/vms.ts';
+import type { VmRow } from '../src/store/projections.ts';
 import type { Logger } from '../src/log.ts';
 import { startService, type Service } from '../src/service.ts';
 import type { Database } from '../src/store/schema.ts';
@@ -230,7 +231,7 @@ export function cpuBetween(before: Map<number, number>, after: Map<number, numbe
 
 // ── round trips ──────────────────────────────────────────────────────────────
 
-/** Statements carrying this comment are the benchmark's own (its waiter); they are counted apart. */
+/** Statements carrying this comment are the benchmark's own (its bookkeeping); they are counted apart. */
 export const BENCH_MARK = '/* gpuvm-bench */';
 
 type StatementKind = 'begin' | 'commit' | 'rollback' | 'claim' | 'select' | 'insert' | 'update' | 'delete' | 'notify' | 'other';
@@ -357,16 +358,25 @@ export class RoundTripRecorder {
     if (kind === 'begin') {
       state = { begunAt: sent, wrote: false, effectIds: [], claimedIds: [] };
       this.tx.set(conn, state);
-    } else if (state) {
-      if (this.recordEffects && kind === 'insert' && /^\s*insert into "effects"/i.test(text)) {
-        for (const p of params ?? []) if (typeof p === 'string' && EFFECT_ID.test(p)) state.effectIds.push(p);
+    }
+    // Effects this statement inserts: a Kysely insert names them as parameters, the step writer
+    // (src/store/step.ts) inside a JSON parameter.
+    const inserted: string[] = [];
+    if (this.recordEffects && (kind === 'insert' || kind === 'update') && /insert into "?effects"?/i.test(text)) {
+      for (const p of params ?? []) {
+        if (typeof p !== 'string') continue;
+        if (EFFECT_ID.test(p)) inserted.push(p);
+        else if (p.startsWith('[')) for (const m of p.matchAll(/"id":"([^"]+)"/g)) if (EFFECT_ID.test(m[1]!)) inserted.push(m[1]!);
       }
     }
+    if (state && kind !== 'begin') state.effectIds.push(...inserted);
     return (rows, changed) => {
       const done = wallNow();
       // A write that changed nothing (a claim that found no due effect) gets no transaction id and
       // flushes nothing at commit; a notify always does work at commit.
-      const wrote = WRITES.has(kind) && rows !== null && (kind === 'notify' || (changed ?? rows.length) > 0);
+      // A claim always answers one row (the next due time); it took something only if a row has an id.
+      const took = kind === 'claim' && rows !== null && (rows as { id?: unknown }[]).some((r) => typeof r.id === 'string');
+      const wrote = WRITES.has(kind) && rows !== null && (kind === 'claim' ? took : kind === 'notify' || (changed ?? rows.length) > 0);
       const open = this.tx.get(conn);
       if (open && wrote) open.wrote = true;
       const c = this.counts;
@@ -397,8 +407,10 @@ export class RoundTripRecorder {
       } else if (kind !== 'begin' && !open && rows !== null) {
         c.transactions++;
         if (wrote) c.writingTransactions++;
+        // An autocommit statement's effects are due once it returns.
+        for (const id of inserted) this.effectCommits.set(id, { sent, acked: done });
       }
-      if (kind === 'claim' && rows?.length === 0) c.emptyClaims++;
+      if (kind === 'claim' && rows !== null && !took) c.emptyClaims++;
       if (kind === 'claim' && this.recordEffects && rows) {
         for (const r of rows as { id?: unknown }[]) {
           if (typeof r.id !== 'string') continue;
@@ -540,54 +552,16 @@ export async function startGpuvm(opts: GpuvmOptions): Promise<GpuvmUnderTest> {
 const END_STATES = new Set(['failed', 'crashed', 'deleted']);
 
 /**
- * Waits for VMs to reach a state by reading the `vms` projection: one query for every waiting VM
- * every `pollMs`, as an operator's `--wait` does (the CLI polls GET /v1/vms/:id every 250 ms).
- * Its statements carry BENCH_MARK so the round-trip counts leave them out.
+ * Waits for a VM to reach one of `states` as `GET /v1/vms/:id?changedFrom=…` does for
+ * `gpuvm vm create --wait`: VmService.awaitChange, which hears the steps its own process commits
+ * and reads the VM once per call. Its reads are the service's, and are counted.
  */
-export class VmWaiter {
-  private waits = new Map<string, { states: string[]; resolve: (state: string) => void; reject: (err: Error) => void }>();
-  private timer: NodeJS.Timeout | null = null;
-  private busy = false;
-  queries = 0;
-
-  constructor(
-    private readonly db: Kysely<Database>,
-    private readonly pollMs: number,
-  ) {}
-
-  until(vmId: string, states: string[]): Promise<string> {
-    return new Promise((resolve, reject) => {
-      this.waits.set(vmId, { states, resolve, reject });
-      this.timer ??= setInterval(() => void this.poll(), this.pollMs);
-    });
+export async function untilState(vms: VmService, vm: VmRow, states: string[]): Promise<VmRow> {
+  while (!states.includes(vm.state)) {
+    if (END_STATES.has(vm.state)) throw new Error(`VM ${vm.id} ended ${vm.state} while waiting for ${states.join('/')}: ${vm.reason ?? 'no reason'}`);
+    vm = await vms.awaitChange(vm.id, vm.state, 60_000);
   }
-
-  private async poll(): Promise<void> {
-    if (this.busy || this.waits.size === 0) return;
-    this.busy = true;
-    try {
-      const ids = [...this.waits.keys()];
-      this.queries++;
-      const { rows } = await sql<{ id: string; state: string; reason: string | null }>`${sql.raw(BENCH_MARK)} select id, state, reason from vms where id in (${sql.join(ids)})`.execute(this.db);
-      for (const r of rows) {
-        const w = this.waits.get(r.id);
-        if (!w) continue;
-        if (w.states.includes(r.state)) {
-          this.waits.delete(r.id);
-          w.resolve(r.state);
-        } else if (END_STATES.has(r.state)) {
-          this.waits.delete(r.id);
-          w.reject(new Error(`VM ${r.id} ended ${r.state} while waiting for ${w.states.join('/')}: ${r.reason ?? 'no reason'}`));
-        }
-      }
-    } finally {
-      this.busy = false;
-      if (this.waits.size === 0 && this.timer) {
-        clearInterval(this.timer);
-        this.timer = null;
-      }
-    }
-  }
+  return vm;
 }
 
 export interface LifecycleRun {
@@ -605,12 +579,11 @@ export interface LifecycleRun {
   events: number;
   effects: number;
   effectsByType: Record<string, number>;
-  /** Round trips from the first create until drained, the waiter's excluded. */
+  /** Round trips from the first create until drained, the waits' included. */
   roundTrips: RoundTripCounts;
-  waiterQueries: number;
   hostCalls: Record<string, number>;
   /** CPU time of this process (user + system) from the first create until drained: the engine's
-   *  JavaScript, the drivers, and the waiter — Postgres's own CPU is not in it. */
+   *  JavaScript, the drivers, and the waits — Postgres's own CPU is not in it. */
   cpuMs: number;
   /** Postgres: CPU of the database's server processes over the same span (null on PGlite, whose
    *  engine runs inside this process and is in cpuMs). */
@@ -627,11 +600,10 @@ export interface LifecycleRun {
  * it has. After the last VM is gone it waits until no effect is pending (timers included), so the
  * round trips and events counted are all a lifecycle causes.
  */
-export async function runLifecycles(g: GpuvmUnderTest, opts: { total: number; concurrency: number; waitPollMs?: number; serverDatabase?: string }): Promise<LifecycleRun> {
+export async function runLifecycles(g: GpuvmUnderTest, opts: { total: number; concurrency: number; serverDatabase?: string }): Promise<LifecycleRun> {
   const perHost = Math.ceil(opts.concurrency / g.hosts.length);
   if (perHost > 8) throw new Error(`${opts.concurrency} concurrent 1-GPU lifecycles need ${Math.ceil(opts.concurrency / 8)} hosts; ${g.hosts.length} started`);
   const recorder = roundTrips();
-  const waiter = new VmWaiter(g.db, opts.waitPollMs ?? option('wait-poll-ms', 5));
   const before = {
     position: await maxPosition(g.db),
     effects: await effectCount(g.db),
@@ -651,9 +623,8 @@ export async function runLifecycles(g: GpuvmUnderTest, opts: { total: number; co
       next++;
       const t0 = wallNow();
       const vm = await host.vms.create({ gpus: 1, actor: 'bench' });
-      await waiter.until(vm.id, ['running']);
-      await host.vms.delete(vm.id, 'bench');
-      await waiter.until(vm.id, ['deleted']);
+      await untilState(host.vms, vm, ['running']);
+      await untilState(host.vms, await host.vms.delete(vm.id, 'bench'), ['deleted']);
       latencies.push(wallNow() - t0);
     }
   };
@@ -690,7 +661,6 @@ export async function runLifecycles(g: GpuvmUnderTest, opts: { total: number; co
     effects: (await effectCount(g.db)) - before.effects,
     effectsByType: effectsByTypeInRun,
     roundTrips: rt,
-    waiterQueries: waiter.queries,
     hostCalls,
     cpuMs: (cpuUsed.user + cpuUsed.system) / 1000,
     serverCpuMs,

@@ -18,12 +18,12 @@
  *
  *   node --import tsx bench/lifecycle.ts [--concurrency=1,16] [--lifecycles-1=30] [--lifecycles-16=160]
  *        [--pglite-concurrency=1,8] [--monitor-variant-ms=0] [--pgbench-seconds=10] [--skip=dbos,pgbench,pglite]
- *        [--wait-poll-ms=5] [--dbos-workflows-1=60] [--dbos-workflows-16=320]
+ *        [--dbos-workflows-1=60] [--dbos-workflows-16=320]
  *   node --import tsx bench/lifecycle.ts --profile-summary=FILE.cpuprofile   (after node --cpu-prof …)
  *
- * Waiting: the API is asynchronous (create and delete return at once), so the bench reads the VM's
- * state like an operator's --wait does, every --wait-poll-ms, one query for all waiting VMs; those
- * queries are counted apart ('waiter q/lc') and left out of the engine's round trips.
+ * Waiting: the API is asynchronous (create and delete return at once), so the bench waits as an
+ * operator's --wait does, through the long poll behind GET /v1/vms/:id?changedFrom=… (VmService.
+ * awaitChange); its reads are the service's and are counted with the engine's round trips.
  */
 import { readFileSync } from 'node:fs';
 import { runDbos, dbosRows, DBOS_VERSION, type DbosResult } from './dbos-lifecycle.ts';
@@ -125,7 +125,6 @@ export function gpuvmRows(ms: GpuvmMeasurement[]): Record<string, string | numbe
     'writing tx/s': (r.roundTrips.writingTransactions * 1000) / (r.wallMs + r.drainMs),
     'cpu ms/lc': r.cpuMs / r.lifecycles,
     'pg cpu ms/lc': r.serverCpuMs === null ? 'in-proc' : r.serverCpuMs / r.lifecycles,
-    'waiter q/lc': r.waiterQueries / r.lifecycles,
     'xact_commit srv/cli': xact ? `${xact.server}/${xact.client}` : 'n/a',
   }));
 }

@@ -83,9 +83,6 @@ export async function startService(config: Config, opts: StartOptions = {}): Pro
       vcpus: hostConfig?.vm.vcpus ?? config.vmVcpus,
       powerdownTimeoutMs: hostConfig?.vm.powerdownTimeoutMs ?? config.powerdownTimeoutMs ?? (host.simulated ? 3000 : 30_000),
     };
-    // The worker hears of effects this process writes at once; NOTIFY still tells every other process.
-    const effectsWritten = () => worker.wake();
-    const vms = new VmService(db.kysely, host.hostId, vmDefaults, policy, effectsWritten);
     const fabricManager = new FabricManagerGuard(db.kysely, host, policy, { intervalMs: config.fabricManagerCheckMs, log });
     const worker = new EffectWorker(db, {
       hostId: host.hostId,
@@ -98,9 +95,11 @@ export async function startService(config: Config, opts: StartOptions = {}): Pro
     });
     started.push(() => worker.stop());
     await worker.start();
+    // Requests and the QEMU monitor hand the effects they write to this worker (no claim, no NOTIFY).
+    const vms = new VmService(db.kysely, host.hostId, vmDefaults, policy, worker);
     started.push(() => fabricManager.stop());
     fabricManager.start();
-    const monitor = new QemuMonitor(db.kysely, host, policy, config.monitorIntervalMs, log, effectsWritten);
+    const monitor = new QemuMonitor(db.kysely, host, policy, config.monitorIntervalMs, log, worker);
     started.push(() => monitor.stop());
     monitor.start();
     const health = new HealthMonitor(db.kysely, host, policy, { intervalMs: config.healthIntervalMs, kernelLog: join(host.fsRoot, HOST_FILES.kernelLog), log });

@@ -48,6 +48,10 @@ describe(`HTTP API (${usingPostgres ? 'postgres' : 'pglite'})`, () => {
       ['GET', '/v1/vms/..%2F..%2Fetc', undefined, 400, /invalid VM id/],
       ['GET', '/v1/vms/vm-0000000000/history', undefined, 404, /no VM/],
       ['GET', '/v1/nothing', undefined, 404, /no route/],
+      ['GET', '/v1/vms/vm-0000000000?changedFrom=running', undefined, 404, /no VM vm-0000000000/],
+      ['GET', '/v1/vms/vm-0000000000?changedFrom=..%2Fx', undefined, 400, /changedFrom must be a VM state/],
+      ['GET', '/v1/vms/vm-0000000000?changedFrom=running&waitSeconds=61', undefined, 400, /waitSeconds must be a whole number from 0 to 60/],
+      ['GET', '/v1/vms/vm-0000000000?changedFrom=running&waitSeconds=1.5', undefined, 400, /waitSeconds/],
     ];
     for (const [method, path, body, status, message] of cases) {
       const res = await api(method, path, body);
@@ -83,5 +87,27 @@ describe(`HTTP API (${usingPostgres ? 'postgres' : 'pglite'})`, () => {
     expect(history.body.events.at(-1)).toMatchObject({ type: 'PARTITION_RELEASED', to: 'deleted' });
     expect(history.body.effects.length).toBeGreaterThan(10);
     expect(history.body.effects.every((e: { tries: unknown[] }) => e.tries.length >= 1)).toBe(true);
+  });
+
+  it('long-polls a VM: each answer is the next state it reaches, none is skipped for lack of a change', async () => {
+    const created = await api('POST', '/v1/vms', { gpus: 1, name: 'long-poll' });
+    const id = created.body.id as string;
+    const seen = [created.body.state as string];
+    for (let i = 0; i < 50 && seen.at(-1) !== 'running'; i++) {
+      const res = await api('GET', `/v1/vms/${id}?changedFrom=${seen.at(-1)}&waitSeconds=20`);
+      expect(res.status).toBe(200);
+      // Answered before the 20 s ran out, so with a new state.
+      expect(res.body.state).not.toBe(seen.at(-1));
+      seen.push(res.body.state);
+    }
+    expect(seen.at(-1)).toBe('running');
+    // Already changed: answered at once. No change within the wait: the VM as it is.
+    expect((await api('GET', `/v1/vms/${id}?changedFrom=provisioning&waitSeconds=60`)).body.state).toBe('running');
+    const started = Date.now();
+    expect((await api('GET', `/v1/vms/${id}?changedFrom=running&waitSeconds=1`)).body.state).toBe('running');
+    expect(Date.now() - started).toBeGreaterThanOrEqual(900);
+    await api('DELETE', `/v1/vms/${id}`);
+    let state = 'running';
+    while (state !== 'deleted') state = (await api('GET', `/v1/vms/${id}?changedFrom=${state}&waitSeconds=20`)).body.state;
   });
 });

@@ -6,6 +6,8 @@
  *   POST   /v1/vms                  { gpus: 1|2|4|8, name? } → 202 the VM (provisioning)
  *   GET    /v1/vms[?all=true]       live VMs (all=true includes deleted ones)
  *   GET    /v1/vms/:id              one VM
+ *          [?changedFrom=STATE&waitSeconds=N]  long poll: answers once the VM is no longer in
+ *                                   STATE, or after N seconds (≤ 60) with the VM as it is
  *   DELETE /v1/vms/:id              → 202 the VM (stopping / releasing / deleted)
  *   GET    /v1/vms/:id/history      every event of the VM and its partition, with effect tries
  *   GET    /v1/partitions           the host's partitions and who holds them
@@ -103,7 +105,15 @@ export async function buildApi(deps: ApiDeps): Promise<FastifyInstance> {
     return { vms: await deps.vms.list({ includeDeleted: all }) };
   });
 
-  app.get('/v1/vms/:id', async (req) => deps.vms.get(vmId((req.params as { id: string }).id)));
+  app.get('/v1/vms/:id', async (req) => {
+    const id = vmId((req.params as { id: string }).id);
+    const query = req.query as Record<string, string | undefined>;
+    if (query.changedFrom === undefined) return deps.vms.get(id);
+    if (!/^[a-z][a-z_-]{0,31}$/.test(query.changedFrom)) throw badRequest(`changedFrom must be a VM state such as provisioning or running (got ${JSON.stringify(query.changedFrom.slice(0, 40))})`);
+    const seconds = Number(query.waitSeconds ?? 30);
+    if (!Number.isInteger(seconds) || seconds < 0 || seconds > 60) throw badRequest(`waitSeconds must be a whole number from 0 to 60 (got ${JSON.stringify(query.waitSeconds)})`);
+    return deps.vms.awaitChange(id, query.changedFrom, seconds * 1000);
+  });
 
   app.delete('/v1/vms/:id', async (req, reply) => {
     const vm = await deps.vms.delete(vmId((req.params as { id: string }).id), actor(req), req.id);

@@ -72,19 +72,22 @@ function vmDetail(v: VmJson): string {
   return lines.join('\n');
 }
 
-/** Polls until the VM reaches one of `states`, printing each state it passes through. */
+/** Waits until the VM reaches one of `states`, printing each state it passes through (long polls: no sleep between steps). */
 async function waitFor(base: string, id: string, states: string[], timeoutMs: number): Promise<VmJson> {
   const deadline = Date.now() + timeoutMs;
+  let vm = await call<VmJson>(base, 'GET', `/v1/vms/${id}`);
   let last = '';
   for (;;) {
-    const vm = await call<VmJson>(base, 'GET', `/v1/vms/${id}`);
-    if (vm.state !== last) {
-      process.stderr.write(`${id}: ${vm.state}${vm.reason ? ` (${vm.reason})` : ''}\n`);
-      last = vm.state;
-    }
+    if (vm.state !== last) process.stderr.write(`${id}: ${vm.state}${vm.reason ? ` (${vm.reason})` : ''}\n`);
+    last = vm.state;
     if (states.includes(vm.state)) return vm;
-    if (Date.now() > deadline) throw new CliError(`timed out after ${timeoutMs / 1000}s waiting for ${id} to be ${states.join(' or ')} (now ${vm.state})`);
-    await new Promise((r) => setTimeout(r, 250));
+    const left = deadline - Date.now();
+    if (left <= 0) throw new CliError(`timed out after ${timeoutMs / 1000}s waiting for ${id} to be ${states.join(' or ')} (now ${vm.state})`);
+    const from = vm.state;
+    do {
+      const seconds = Math.max(1, Math.min(30, Math.ceil((deadline - Date.now()) / 1000)));
+      vm = await call<VmJson>(base, 'GET', `/v1/vms/${id}?changedFrom=${encodeURIComponent(from)}&waitSeconds=${seconds}`);
+    } while (vm.state === from && Date.now() < deadline);
   }
 }
 

@@ -1,13 +1,15 @@
 /**
- * Applying an event to a stream inside a transaction: load the snapshot, decide, then write the
- * event, the snapshot and read rows, and the effects it asked for — all in the caller's
- * transaction, so an event and its effects commit together or not at all (the outbox).
+ * Applying an event to a stream: take the stream's snapshot, decide, then write the event, the
+ * snapshot and read rows, and the effects it asked for as one statement (store/step.ts) — on its
+ * own or in the caller's transaction — so an event and its effects commit together or not at all
+ * (the outbox).
  */
 import { sql, type Kysely } from 'kysely';
 import { machines, streamKind } from '../../machines/index.ts';
-import { appendEvents, ConcurrencyError, type Executor } from '../store/events.ts';
-import { EFFECTS_CHANNEL } from '../store/db.ts';
-import { writeProjections, type StreamSnapshot } from '../store/projections.ts';
+import { ConcurrencyError, type Executor } from '../store/events.ts';
+import { claimChange, readRowOf, type StreamSnapshot } from '../store/projections.ts';
+import { PREPARED } from '../store/db.ts';
+import { NOW, writeSteps, type EffectClose, type NewEffect, type StepBatcher, type StepWrite, type StepWritten } from '../store/step.ts';
 import type { Database } from '../store/schema.ts';
 import { decide, type Decision, type MachineEvent } from './decide.ts';
 import { crashPoint } from './crash-points.ts';
@@ -27,7 +29,12 @@ export interface EffectPolicy {
 export type ApplyResult =
   | { kind: 'rejected'; state: string; reason: string; snapshot: StreamSnapshot | null }
   | { kind: 'unchanged'; state: string; snapshot: StreamSnapshot }
-  | { kind: 'changed'; snapshot: StreamSnapshot; position: string; claimed: ClaimedEffect[] };
+  /**
+   * `claimed`: the effects handed to the `claimFor` worker, to launch once this is committed;
+   * `pendingDueAt`: when the earliest effect of that worker's host left pending falls due (the
+   * worker schedules it; no NOTIFY was sent for it).
+   */
+  | { kind: 'changed'; snapshot: StreamSnapshot; position: string; claimed: ClaimedEffect[]; pendingDueAt: Date | null };
 
 /** An effect a worker holds the lease of, ready to run. */
 export interface ClaimedEffect {
@@ -67,7 +74,7 @@ interface StreamRowWithNow {
 
 /** The stream's snapshot and the database clock, in one round trip. */
 export async function loadSnapshot(db: Executor, streamId: string): Promise<{ now: Date; snapshot: StreamSnapshot | null }> {
-  const { rows } = await sql<StreamRowWithNow>`
+  const { rows } = await sql<StreamRowWithNow>`${sql.raw(PREPARED)}
     select now() as now, s.stream_id, s.machine_version, s.version, s.state, s.context, s.created_at, s.updated_at
     from (select 1) as one left join streams s on s.stream_id = ${streamId}`.execute(db);
   const r = rows[0]!;
@@ -91,24 +98,132 @@ export function effectId(streamId: string, version: number, index: number): stri
   return `${streamId}@${version}#${index}`;
 }
 
+/** The lease of the effect being closed was gone when its outcome was written: nothing was written. */
+export class LostLeaseError extends Error {
+  constructor(readonly effectId: string) {
+    super(`the lease of effect ${effectId} is no longer held by this worker`);
+    this.name = 'LostLeaseError';
+  }
+}
+
+/**
+ * The snapshots this process committed, so that the next step of a stream need not read its
+ * snapshot back, and so that a request waiting for a VM hears of its steps at once (`watch`).
+ * A snapshot that another writer has since moved past is harmless: the step's insert at version+1
+ * then fails with ConcurrencyError, the entry is dropped, and the retry reads the stream. Only
+ * committed snapshots are kept, so an entry is never ahead of the log. Bounded: the oldest go first.
+ */
+export class SnapshotCache {
+  private readonly entries = new Map<string, StreamSnapshot>();
+  private readonly watchers = new Map<string, Set<(snapshot: StreamSnapshot) => void>>();
+  constructor(private readonly max = 10_000) {}
+
+  get(streamId: string): StreamSnapshot | undefined {
+    return this.entries.get(streamId);
+  }
+
+  /** Call only once `snapshot` is committed. */
+  remember(snapshot: StreamSnapshot): void {
+    this.entries.delete(snapshot.streamId);
+    this.entries.set(snapshot.streamId, snapshot);
+    if (this.entries.size > this.max) this.entries.delete(this.entries.keys().next().value!);
+    for (const watcher of this.watchers.get(snapshot.streamId) ?? []) watcher(snapshot);
+  }
+
+  forget(streamId: string): void {
+    this.entries.delete(streamId);
+  }
+
+  /** Calls `watcher` with every snapshot of the stream this process commits from now on; returns the unwatch function. */
+  watch(streamId: string, watcher: (snapshot: StreamSnapshot) => void): () => void {
+    let set = this.watchers.get(streamId);
+    if (!set) this.watchers.set(streamId, (set = new Set()));
+    set.add(watcher);
+    return () => {
+      set.delete(watcher);
+      if (set.size === 0) this.watchers.delete(streamId);
+    };
+  }
+}
+
+/**
+ * The effect worker of this process as the other writers here (requests, the QEMU monitor) use it:
+ * they hand it the effects their writes ask for, and share its snapshots.
+ */
+export interface LocalWorker {
+  readonly snapshots: SnapshotCache;
+  readonly batcher: StepBatcher;
+  claimOnWrite(): ClaimOnWrite | undefined;
+  /** Call after the write committed: launches what was handed over, schedules what was left pending. */
+  handOver(result: ApplyResult): void;
+}
+
+export interface ApplyOptions {
+  /** The stream's snapshot as the caller read it in this transaction. Otherwise it is read (or taken from `snapshots`). */
+  snapshot?: StreamSnapshot | null;
+  snapshots?: SnapshotCache;
+  /** Hand the new effects due now on this host to this worker (see ClaimOnWrite). */
+  claimFor?: ClaimOnWrite;
+  /** The worker's effect this event is the outcome of: closed, with its try, in the same statement. */
+  closes?: EffectClose;
+  /** Group commit for a step written on its own (not in the caller's transaction). */
+  batcher?: StepBatcher;
+}
+
 export async function applyEvent(
   tx: Executor,
   streamId: string,
   event: MachineEvent,
   meta: CommandMeta,
   policy: EffectPolicy,
-  claimFor?: ClaimOnWrite,
+  opts: ApplyOptions = {},
 ): Promise<ApplyResult> {
-  const { now, snapshot } = await loadSnapshot(tx, streamId);
-  const decision: Decision = decide(streamId, snapshot, event);
+  const cached = opts.snapshot === undefined ? opts.snapshots?.get(streamId) : undefined;
+  let snapshot = opts.snapshot !== undefined ? opts.snapshot : (cached ?? (await loadSnapshot(tx, streamId)).snapshot);
+  let decision: Decision = decide(streamId, snapshot, event);
+  if (cached && decision.kind !== 'changed') {
+    // A refusal must come from the stored state, not from a snapshot another writer may have moved past.
+    snapshot = (await loadSnapshot(tx, streamId)).snapshot;
+    decision = decide(streamId, snapshot, event);
+  }
   if (decision.kind === 'rejected') return { ...decision, snapshot };
   if (decision.kind === 'unchanged') return { kind: 'unchanged', state: decision.state, snapshot: snapshot! };
 
   const kind = streamKind(streamId);
   const { type, ...data } = event;
   const version = snapshot?.version ?? 0;
-  const { positions } = await appendEvents(tx, streamId, version, [
-    {
+  // NOW stands for the statement's now(): the database's clock, read when the step is written.
+  const next: StreamSnapshot = {
+    streamId,
+    kind,
+    machineVersion: machines[kind].version,
+    version: version + 1,
+    state: decision.stateAfter,
+    context: decision.context,
+    createdAt: snapshot?.createdAt ?? NOW,
+    updatedAt: NOW,
+  };
+
+  const hostId = String(decision.context.hostId);
+  const claimFor = opts.claimFor?.hostId === hostId ? opts.claimFor : undefined;
+  const effects: NewEffect[] = decision.effects.map((e, i) => {
+    const delayMs = typeof e.params.delayMs === 'number' ? e.params.delayMs : 0;
+    return { id: effectId(streamId, next.version, i), hostId, type: e.type, params: e.params, delayMs, maxAttempts: policy.maxAttempts(e.type), leasedTo: null };
+  });
+  let handed = 0;
+  for (const e of effects) {
+    if (!claimFor || e.delayMs > 0 || handed >= claimFor.limit) continue;
+    e.leasedTo = claimFor.workerId;
+    handed++;
+  }
+  const pending = effects.filter((e) => e.leasedTo === null);
+
+  // A kill here is a kill before the commit: nothing of this step survives it.
+  crashPoint(`event:${type}:before-commit`);
+  const write: StepWrite = {
+    streamId,
+    expectedVersion: version,
+    event: {
       type,
       data,
       stateBefore: decision.stateBefore,
@@ -118,56 +233,36 @@ export async function applyEvent(
       causationId: meta.causationId,
       correlationId: meta.correlationId,
       actor: meta.actor,
-      recordedAt: now,
     },
-  ]);
-
-  const next: StreamSnapshot = {
-    streamId,
-    kind,
-    machineVersion: machines[kind].version,
-    version: version + 1,
-    state: decision.stateAfter,
-    context: decision.context,
-    createdAt: snapshot?.createdAt ?? now,
-    updatedAt: now,
+    stream: { machine: kind, machineVersion: next.machineVersion, version: next.version, state: next.state, context: next.context, createdAt: next.createdAt },
+    readRow: readRowOf(next),
+    claims: claimChange(next, snapshot),
+    effects,
+    leaseMs: claimFor?.leaseMs ?? 0,
+    // The local worker is told of what it was not handed (pendingDueAt); other processes hear NOTIFY.
+    notifyHost: pending.length > 0 && !claimFor ? hostId : null,
+    closes: opts.closes ?? null,
   };
-  await writeProjections(tx, next, snapshot);
-
-  const claimed: ClaimedEffect[] = [];
-  if (decision.effects.length > 0) {
-    const hostId = String(decision.context.hostId);
-    const leaseUntil = claimFor ? new Date(now.getTime() + claimFor.leaseMs) : null;
-    let pendingHere = false;
-    const rows = decision.effects.map((e, i) => {
-      const id = effectId(streamId, next.version, i);
-      const delayMs = typeof e.params.delayMs === 'number' ? e.params.delayMs : 0;
-      const maxAttempts = policy.maxAttempts(e.type);
-      const take = claimFor !== undefined && claimFor.hostId === hostId && delayMs === 0 && claimed.length < claimFor.limit;
-      if (take) claimed.push({ id, streamId, hostId, type: e.type, params: e.params, correlationId: meta.correlationId, attempt: 1, maxAttempts, claimedAt: now });
-      else pendingHere = true;
-      return {
-        id,
-        stream_id: streamId,
-        host_id: hostId,
-        type: e.type,
-        params: JSON.stringify(e.params),
-        correlation_id: meta.correlationId,
-        due_at: new Date(now.getTime() + delayMs),
-        max_attempts: maxAttempts,
-        created_at: now,
-        ...(take
-          ? { status: 'running' as const, attempts: 1, lease_owner: claimFor.workerId, lease_until: leaseUntil, claimed_at: now }
-          : { status: 'pending' as const }),
-      };
-    });
-    await tx.insertInto('effects').values(rows).execute();
-    // Delivered at commit: wakes the host's workers without a polling delay.
-    if (pendingHere) await sql`select pg_notify(${EFFECTS_CHANNEL}, ${hostId})`.execute(tx);
+  let written: StepWritten | null;
+  try {
+    // On its own, the step may share its statement and commit with other lifecycles' (group commit).
+    written = opts.batcher && !tx.isTransaction ? await opts.batcher.write(write) : (await writeSteps(tx, [write]))[0]!;
+  } catch (err) {
+    opts.snapshots?.forget(streamId);
+    throw err;
   }
-  // Everything is written but not committed: a kill here loses all of it, as a crash before commit.
-  crashPoint(`event:${type}:before-commit`);
-  return { kind: 'changed', snapshot: next, position: positions[0]!, claimed };
+  if (!written) throw new LostLeaseError(opts.closes!.effectId);
+
+  const { now } = written;
+  const stored: StreamSnapshot = { ...next, createdAt: snapshot?.createdAt ?? now, updatedAt: now };
+  // Inside a caller's transaction the step is not committed yet: it may still roll back.
+  if (tx.isTransaction) opts.snapshots?.forget(streamId);
+  else opts.snapshots?.remember(stored);
+  const claimed: ClaimedEffect[] = effects
+    .filter((e) => e.leasedTo !== null)
+    .map((e) => ({ id: e.id, streamId, hostId, type: e.type, params: e.params, correlationId: meta.correlationId, attempt: 1, maxAttempts: e.maxAttempts, claimedAt: now }));
+  const pendingDueAt = claimFor && pending.length > 0 ? new Date(now.getTime() + Math.min(...pending.map((e) => e.delayMs))) : null;
+  return { kind: 'changed', snapshot: stored, position: written.position, claimed, pendingDueAt };
 }
 
 /** Serialization failures and deadlocks are worth a retry, like a lost optimistic race. */
@@ -178,22 +273,23 @@ function isRetryable(err: unknown): boolean {
 }
 
 /**
- * Runs `work` in a transaction, re-running it from scratch when it lost a race (another writer
- * moved a stream it read). Each try decides again on fresh state.
+ * Runs `work` again from scratch when it lost a race (another writer moved a stream it read, a
+ * serialization failure, a deadlock). Each try decides again on fresh state.
  */
-export async function inTransaction<T>(
-  db: Kysely<Database>,
-  work: (tx: Executor) => Promise<T>,
-  opts: { retries?: number } = {},
-): Promise<T> {
+export async function retrying<T>(work: () => Promise<T>, opts: { retries?: number } = {}): Promise<T> {
   const retries = opts.retries ?? 20;
   for (let attempt = 0; ; attempt++) {
     try {
-      return await db.transaction().execute(work);
+      return await work();
     } catch (err) {
       if (!isRetryable(err) || attempt >= retries) throw err;
       // A short randomised pause spreads out writers that collided on the same stream.
       await new Promise((r) => setTimeout(r, Math.random() * Math.min(50, 2 ** attempt)));
     }
   }
+}
+
+/** Runs `work` in a transaction, retried as a whole (see retrying). */
+export function inTransaction<T>(db: Kysely<Database>, work: (tx: Executor) => Promise<T>, opts: { retries?: number } = {}): Promise<T> {
+  return retrying(() => db.transaction().execute(work), opts);
 }

@@ -10,7 +10,10 @@ import type { HostAdapters } from '../host/host.ts';
 import type { Logger } from '../log.ts';
 import type { Database } from '../store/schema.ts';
 import { DuplicateCausationError } from '../store/events.ts';
-import { applyEvent, inTransaction, loadSnapshot, type EffectPolicy } from './commands.ts';
+import { applyEvent, loadSnapshot, retrying, type EffectPolicy, type LocalWorker } from './commands.ts';
+
+/** The states in which a VM's QEMU should be alive: its exit there is news. */
+const qemuShouldRun = (state: string) => state === 'running' || state === 'stopping';
 import { Periodic } from './periodic.ts';
 import { crashPoint } from './crash-points.ts';
 
@@ -23,8 +26,8 @@ export class QemuMonitor {
     private readonly policy: EffectPolicy,
     private readonly intervalMs: number,
     private readonly log: Logger,
-    /** Called after a commit that wrote effects: the local worker claims them without waiting for NOTIFY. */
-    private readonly effectsWritten: () => void = () => {},
+    /** The effect worker of this process: it runs the effects QEMU_EXITED asks for without a claim. */
+    private readonly worker: LocalWorker | null = null,
   ) {
     this.periodic = new Periodic(`QEMU monitor of host ${host.hostId}`, intervalMs, () => this.check(), log);
   }
@@ -50,28 +53,30 @@ export class QemuMonitor {
     for (const vm of vms) {
       const status = await this.host.qemu.status(vm.id);
       if (status.running) continue;
-      const recorded = await inTransaction(this.db, async (tx) => {
-        const { snapshot } = await loadSnapshot(tx, vmStream(vm.id));
-        if (!snapshot || (snapshot.state !== 'running' && snapshot.state !== 'stopping')) return false;
+      const streamId = vmStream(vm.id);
+      const result = await retrying(async () => {
+        const cached = this.worker?.snapshots.get(streamId);
+        const snapshot = cached && qemuShouldRun(cached.state) ? cached : (await loadSnapshot(this.db, streamId)).snapshot;
+        if (!snapshot || !qemuShouldRun(snapshot.state)) return null;
         try {
           // One observation per stream version: a second monitor pass cannot record it twice.
-          const result = await applyEvent(
-            tx,
-            vmStream(vm.id),
+          return await applyEvent(
+            this.db,
+            streamId,
             { type: 'QEMU_EXITED', how: 'process gone' },
             { actor: 'monitor', correlationId: vm.id, causationId: `monitor@${snapshot.version}` },
             this.policy,
+            { snapshot, snapshots: this.worker?.snapshots, batcher: this.worker?.batcher, claimFor: this.worker?.claimOnWrite() },
           );
-          if (result.kind === 'changed') this.log.warn({ vmId: vm.id, from: snapshot.state, to: result.snapshot.state }, 'QEMU process is gone');
-          return result.kind === 'changed';
         } catch (err) {
           if (!(err instanceof DuplicateCausationError)) throw err;
-          return false;
+          return null;
         }
       });
-      if (recorded) {
+      if (result?.kind === 'changed') {
+        this.log.warn({ vmId: vm.id, to: result.snapshot.state }, 'QEMU process is gone');
         crashPoint('event:QEMU_EXITED:after-commit');
-        this.effectsWritten();
+        this.worker?.handOver(result);
       }
     }
   }

@@ -8,9 +8,9 @@ import { partitionStream, vmStream, type VmContext } from '../../machines/index.
 import { badRequest, conflict, notFound } from '../errors.ts';
 import { isUniqueViolation, readCorrelated, type Executor, type StoredEvent } from '../store/events.ts';
 import { readEffectsWithTries } from '../store/effects.ts';
-import { isClaimConflict, type VmRow } from '../store/projections.ts';
+import { isClaimConflict, vmRow, type StreamSnapshot, type VmRow } from '../store/projections.ts';
 import type { Database } from '../store/schema.ts';
-import { applyEvent, inTransaction, loadSnapshot, type EffectPolicy } from './commands.ts';
+import { applyEvent, inTransaction, retrying, type EffectPolicy, type LocalWorker } from './commands.ts';
 import { choosePartition, GPU_COUNTS } from './placement.ts';
 import { crashPoint } from './crash-points.ts';
 
@@ -44,8 +44,8 @@ export class VmService {
     private readonly hostId: string,
     private readonly defaults: VmDefaults,
     private readonly policy: EffectPolicy,
-    /** Called after a commit that wrote effects: the local worker claims them without waiting for NOTIFY. */
-    private readonly effectsWritten: () => void = () => {},
+    /** The effect worker of this process: it runs the effects these requests write without a claim. */
+    private readonly worker: LocalWorker | null = null,
   ) {}
 
   async create(req: CreateVmRequest): Promise<VmRow> {
@@ -59,17 +59,16 @@ export class VmService {
     // refuses ours, and we decide again on what is left.
     for (let attempt = 0; attempt < 50; attempt++) {
       try {
-        const vm = await inTransaction(this.db, async (tx) => {
-          const partitions = await tx
-            .selectFrom('partitions')
-            .select(['partition_id', 'modules', 'state'])
-            .where('host_id', '=', this.hostId)
-            .execute();
+        const written = await inTransaction(this.db, async (tx) => {
+          // One read: the host's partitions, its claimed GPUs and its quarantined ones.
+          const { rows: partitions } = await sql<{ partition_id: number; modules: number[]; state: string; claimed: number[]; quarantined: Record<string, unknown> | null }>`
+            select p.partition_id, p.modules, p.state,
+                   (select coalesce(json_agg(c.module_id), '[]') from gpu_claims c where c.host_id = ${this.hostId}) as claimed,
+                   (select h.quarantined_modules from hosts h where h.id = ${this.hostId}) as quarantined
+            from partitions p where p.host_id = ${this.hostId}`.execute(tx);
           if (partitions.length === 0) throw notFound(`host ${this.hostId} is not registered`);
-          const claims = await tx.selectFrom('gpu_claims').select('module_id').where('host_id', '=', this.hostId).execute();
-          const host = await tx.selectFrom('hosts').select('quarantined_modules').where('id', '=', this.hostId).executeTakeFirst();
-          const claimed = new Set(claims.map((c) => c.module_id));
-          const quarantined = new Set(Object.keys(host?.quarantined_modules ?? {}).map(Number));
+          const claimed = new Set(partitions[0]!.claimed);
+          const quarantined = new Set(Object.keys(partitions[0]!.quarantined ?? {}).map(Number));
           // A quarantined GPU is as unavailable as a claimed one; a quarantined partition is not 'free'.
           const unavailable = new Set([...claimed, ...quarantined]);
           const chosen = choosePartition(
@@ -86,7 +85,7 @@ export class VmService {
           }
           const pStream = partitionStream(this.hostId, chosen.partitionId);
           const meta = { actor: req.actor, correlationId: vmId, causationId };
-          const claim = await applyEvent(tx, pStream, { type: 'CLAIM', vmId }, meta, this.policy);
+          const claim = await applyEvent(tx, pStream, { type: 'CLAIM', vmId }, meta, this.policy, { snapshots: this.worker?.snapshots, claimFor: this.worker?.claimOnWrite() });
           // Another placement claimed it after we read the table: decide again on fresh state.
           if (claim.kind !== 'changed') throw new PlacementRace();
           const ctx = claim.snapshot.context as { gpus: { moduleId: number; pciAddress: string }[] };
@@ -106,13 +105,15 @@ export class VmService {
             },
             meta,
             this.policy,
+            // A new id: the stream does not exist yet (should it, the insert at version 1 fails).
+            { snapshot: null, claimFor: this.worker?.claimOnWrite() },
           );
           if (created.kind !== 'changed') throw new Error(`vm ${vmId} could not be created`);
-          return (await this.find(tx, vmId))!;
+          return [claim, created] as const;
         });
         crashPoint('event:CREATE:after-commit');
-        this.effectsWritten();
-        return vm;
+        for (const result of written) this.worker?.handOver(result);
+        return vmRow(written[1].snapshot);
       } catch (err) {
         if (err instanceof PlacementRace || isClaimConflict(err)) continue;
         if (isUniqueViolation(err, 'vms_live_name')) throw conflict('name-taken', `a VM named ${JSON.stringify(name)} already exists`);
@@ -124,20 +125,23 @@ export class VmService {
 
   /** Accepted in every state but `deleted`; a repeat while deletion is under way changes nothing. */
   async delete(vmId: string, actor: string, requestId: string = randomUUID()): Promise<VmRow> {
-    const vm = await inTransaction(this.db, async (tx) => {
-      const { snapshot } = await loadSnapshot(tx, vmStream(vmId));
+    const result = await retrying(() =>
+      applyEvent(this.db, vmStream(vmId), { type: 'DELETE' }, { actor, correlationId: vmId, causationId: `request:${requestId}` }, this.policy, {
+        snapshots: this.worker?.snapshots,
+        batcher: this.worker?.batcher,
+        claimFor: this.worker?.claimOnWrite(),
+      }),
+    );
+    if (result.kind === 'rejected') {
+      const snapshot = result.snapshot;
       if (!snapshot) throw notFound(`no VM ${vmId}`);
-      const result = await applyEvent(tx, vmStream(vmId), { type: 'DELETE' }, { actor, correlationId: vmId, causationId: `request:${requestId}` }, this.policy);
-      if (result.kind === 'rejected') {
-        const ctx = snapshot.context as unknown as VmContext;
-        if (snapshot.state !== 'deleted' && ctx.deleteRequested) return (await this.find(tx, vmId))!;
-        throw conflict('bad-state', `VM ${vmId} is already ${snapshot.state}`);
-      }
-      return (await this.find(tx, vmId))!;
-    });
+      const ctx = snapshot.context as unknown as VmContext;
+      if (snapshot.state !== 'deleted' && ctx.deleteRequested) return vmRow(snapshot);
+      throw conflict('bad-state', `VM ${vmId} is already ${snapshot.state}`);
+    }
     crashPoint('event:DELETE:after-commit');
-    this.effectsWritten();
-    return vm;
+    this.worker?.handOver(result);
+    return vmRow(result.snapshot);
   }
 
   async find(db: Executor, vmId: string): Promise<VmRow | null> {
@@ -149,6 +153,40 @@ export class VmService {
     const vm = await this.find(this.db, vmId);
     if (!vm) throw notFound(`no VM ${vmId}`);
     return vm;
+  }
+
+  /**
+   * The VM once its state is no longer `from` — at once if it already isn't — or as it is when
+   * `timeoutMs` runs out: a long poll, so that a waiting client sees each step as it commits. Steps
+   * this process commits are heard at once; anything else (another writer) by reading every 250 ms.
+   */
+  async awaitChange(vmId: string, from: string, timeoutMs: number): Promise<VmRow> {
+    const deadline = Date.now() + timeoutMs;
+    let heard: StreamSnapshot | null = null;
+    let wake: () => void = () => {};
+    const unwatch = this.worker?.snapshots.watch(vmStream(vmId), (s) => {
+      if (s.state === from) return;
+      heard = s;
+      wake();
+    });
+    try {
+      // Read after the watch is set: a step committed in between is either read here or heard.
+      let vm = await this.get(vmId);
+      for (;;) {
+        if (heard) return vmRow(heard);
+        const left = deadline - Date.now();
+        if (vm.state !== from || left <= 0) return vm;
+        let timer: NodeJS.Timeout | undefined;
+        await new Promise<void>((resolve) => {
+          wake = resolve;
+          timer = setTimeout(resolve, Math.min(250, left));
+        });
+        clearTimeout(timer);
+        if (!heard) vm = await this.get(vmId);
+      }
+    } finally {
+      unwatch?.();
+    }
   }
 
   async list(opts: { includeDeleted?: boolean } = {}): Promise<VmRow[]> {

@@ -9,10 +9,11 @@
 import { randomBytes } from 'node:crypto';
 import { sql, type Kysely } from 'kysely';
 import type { Logger } from 'pino';
-import { EFFECTS_CHANNEL, type Db } from '../store/db.ts';
+import { EFFECTS_CHANNEL, PREPARED, type Db } from '../store/db.ts';
 import type { Database } from '../store/schema.ts';
-import { DuplicateCausationError, type Executor } from '../store/events.ts';
-import { applyEvent, inTransaction, type ClaimedEffect, type ClaimOnWrite, type EffectPolicy } from './commands.ts';
+import { DuplicateCausationError } from '../store/events.ts';
+import { StepBatcher } from '../store/step.ts';
+import { applyEvent, LostLeaseError, retrying, SnapshotCache, type ApplyResult, type ClaimedEffect, type ClaimOnWrite, type EffectPolicy } from './commands.ts';
 import type { MachineEvent } from './decide.ts';
 import { crashPoint } from './crash-points.ts';
 
@@ -45,6 +46,8 @@ export interface WorkerOptions {
   pollMs: number;
   concurrency: number;
   log: Logger;
+  /** Snapshots shared with the other writers of this process (requests, monitor); see SnapshotCache. */
+  snapshots?: SnapshotCache;
 }
 
 /** An error a handler throws when trying again cannot help (bad input, a refused operation). */
@@ -66,8 +69,6 @@ function describe(err: unknown): string {
   return String(err);
 }
 
-class LostLeaseError extends Error {}
-
 export class EffectWorker {
   readonly workerId: string;
   private readonly db: Kysely<Database>;
@@ -77,6 +78,13 @@ export class EffectWorker {
   private woken = false;
   private unlisten: (() => Promise<void>) | null = null;
   private loop: Promise<void> | null = null;
+  /** When the earliest effect left pending on this host falls due, as far as this worker knows. */
+  private nextDue: number | null = null;
+  /** The last claim filled every free slot: more may be due, so a freed slot should claim again. */
+  private backlog = false;
+  readonly snapshots: SnapshotCache;
+  /** Group commit of the steps this process writes on their own (outcomes, deletes, the monitor's). */
+  readonly batcher: StepBatcher;
 
   constructor(
     private readonly store: Db,
@@ -84,6 +92,8 @@ export class EffectWorker {
   ) {
     this.db = store.kysely;
     this.workerId = `${opts.hostId}/${process.pid}/${randomBytes(3).toString('hex')}`;
+    this.snapshots = opts.snapshots ?? new SnapshotCache();
+    this.batcher = new StepBatcher(this.db);
   }
 
   async start(): Promise<void> {
@@ -117,32 +127,56 @@ export class EffectWorker {
     this.wakeUp?.();
   }
 
+  /**
+   * What a writer of this process committed: its snapshot is kept, the effects it handed over (see
+   * ClaimOnWrite) are launched, and those it left pending on this host are scheduled.
+   */
+  handOver(result: ApplyResult): void {
+    if (result.kind !== 'changed') return;
+    // Committed now, so the next step of the stream need not read it back.
+    this.snapshots.remember(result.snapshot);
+    for (const effect of result.claimed) this.launch(effect);
+    if (result.pendingDueAt) this.noteDue(result.pendingDueAt);
+  }
+
+  /** An effect of this host falls due at `at`: wake then (or now). */
+  noteDue(at: Date): void {
+    const due = at.getTime();
+    if (due <= Date.now()) {
+      this.wake();
+    } else if (this.nextDue === null || due < this.nextDue) {
+      this.nextDue = due;
+      this.wake(); // to sleep again, until the earlier time
+    }
+  }
+
   private async run(): Promise<void> {
     while (this.running) {
-      let nextDue: Date | null = null;
       try {
         const room = this.opts.concurrency - this.inFlight.size;
+        this.backlog = room <= 0;
         if (room > 0) {
-          const claimed = await this.claim(room);
+          const { claimed, nextDue } = await this.claim(room);
           for (const effect of claimed) this.launch(effect);
-          if (claimed.length === room) continue;
-          nextDue = await this.nextDueAt();
+          this.nextDue = nextDue?.getTime() ?? null;
+          this.backlog = claimed.length === room;
+          if (this.backlog) continue;
         }
       } catch (err) {
         // The database may be restarting; keep the worker alive and try again after a pause.
         this.opts.log.error({ err: describe(err), hostId: this.opts.hostId }, 'effect worker could not claim; retrying');
       }
-      await this.sleep(nextDue);
+      await this.sleep();
     }
   }
 
-  private sleep(nextDue: Date | null): Promise<void> {
+  private sleep(): Promise<void> {
     if (this.woken || !this.running) {
       this.woken = false;
       return Promise.resolve();
     }
     let wait = this.opts.pollMs;
-    if (nextDue) wait = Math.max(0, Math.min(wait, nextDue.getTime() - Date.now() + 2));
+    if (this.nextDue !== null) wait = Math.max(0, Math.min(wait, this.nextDue - Date.now() + 2));
     return new Promise<void>((resolve) => {
       const timer = setTimeout(done, wait);
       function done() {
@@ -158,18 +192,8 @@ export class EffectWorker {
     });
   }
 
-  private async nextDueAt(): Promise<Date | null> {
-    const row = await this.db
-      .selectFrom('effects')
-      .select((eb) => eb.fn.min('due_at').as('due'))
-      .where('host_id', '=', this.opts.hostId)
-      .where('status', '=', 'pending')
-      .executeTakeFirst();
-    return row?.due ? new Date(row.due as Date) : null;
-  }
-
   /** Claims up to `limit` due effects; an expired lease counts as due and its lost try is recorded. */
-  async claim(limit: number): Promise<ClaimedEffect[]> {
+  async claim(limit: number): Promise<{ claimed: ClaimedEffect[]; nextDue: Date | null }> {
     const { rows } = await sql<{
       id: string;
       stream_id: string;
@@ -183,7 +207,8 @@ export class EffectWorker {
       prev_status: string;
       prev_owner: string | null;
       prev_claimed_at: Date | null;
-    }>`
+      next_due: Date | null;
+    }>`${sql.raw(PREPARED)}
       with due as (
         select id, status as prev_status, lease_owner as prev_owner, claimed_at as prev_claimed_at
         from effects
@@ -193,15 +218,25 @@ export class EffectWorker {
         limit ${limit}
         for update skip locked
       )
-      update effects e
-      set status = 'running', attempts = e.attempts + 1, lease_owner = ${this.workerId},
-          lease_until = now() + make_interval(secs => ${this.opts.leaseMs / 1000}), claimed_at = now()
-      from due
-      where e.id = due.id
-      returning e.id, e.stream_id, e.host_id, e.type, e.params, e.correlation_id, e.attempts, e.max_attempts,
-                e.claimed_at, due.prev_status, due.prev_owner, due.prev_claimed_at`.execute(this.db);
+      , taken as (
+        update effects e
+        set status = 'running', attempts = e.attempts + 1, lease_owner = ${this.workerId},
+            lease_until = now() + make_interval(secs => ${this.opts.leaseMs / 1000}), claimed_at = now()
+        from due
+        where e.id = due.id
+        returning e.id, e.stream_id, e.host_id, e.type, e.params, e.correlation_id, e.attempts, e.max_attempts,
+                  e.claimed_at, due.prev_status, due.prev_owner, due.prev_claimed_at
+      )
+      -- The same round trip says when the next pending effect not taken here falls due (a durable
+      -- timer), so the worker can sleep until then. With nothing taken, one row carries just that.
+      select taken.*, next.due as next_due
+      from (select min(due_at) as due from effects
+            where host_id = ${this.opts.hostId} and status = 'pending' and id not in (select id from due)) as next
+      left join taken on true`.execute(this.db);
 
-    const lost = rows.filter((r) => r.prev_status === 'running');
+    const nextDue = rows[0]?.next_due ? new Date(rows[0].next_due) : null;
+    const takenRows = rows.filter((r) => r.id !== null);
+    const lost = takenRows.filter((r) => r.prev_status === 'running');
     if (lost.length > 0) {
       await this.db
         .insertInto('effect_attempts')
@@ -219,7 +254,7 @@ export class EffectWorker {
         .onConflict((oc) => oc.doNothing())
         .execute();
     }
-    return rows.map((r) => ({
+    const claimed = takenRows.map((r) => ({
       id: r.id,
       streamId: r.stream_id,
       hostId: r.host_id,
@@ -230,6 +265,7 @@ export class EffectWorker {
       maxAttempts: r.max_attempts,
       claimedAt: new Date(r.claimed_at),
     }));
+    return { claimed, nextDue };
   }
 
   private launch(effect: ClaimedEffect): void {
@@ -240,8 +276,8 @@ export class EffectWorker {
       })
       .then((handedOff) => {
         this.inFlight.delete(effect.id);
-        // A slot is free unless a follow-up took it: then there is nothing new to claim.
-        if (handedOff === 0) this.wake();
+        // A freed slot claims again only if effects may be waiting for one; a follow-up took it otherwise.
+        if (handedOff === 0 && this.backlog) this.wake();
       });
     this.inFlight.set(effect.id, task);
   }
@@ -304,14 +340,14 @@ export class EffectWorker {
       .execute();
   }
 
+  /** Closes the effect with no event: one autocommit statement, the effect row and its try together. */
   private async finish(
-    tx: Executor,
     effect: ClaimedEffect,
     set: { status: 'done' | 'failed' | 'pending'; error: string | null; dueInMs?: number; note?: string | null },
   ): Promise<void> {
-    // One statement: the effect row is closed only if this worker still holds its lease, and the
-    // try is recorded from the same row.
-    const { rows } = await sql<{ effect_id: string }>`
+    // The effect row is closed only if this worker still holds its lease, and the try is recorded
+    // from the same row.
+    const { rows } = await sql<{ effect_id: string }>`${sql.raw(PREPARED)}
       with closed as (
         update effects
         set status = ${set.status}, lease_owner = null, lease_until = null, last_error = ${set.error}, note = ${set.note ?? null},
@@ -323,55 +359,63 @@ export class EffectWorker {
       insert into effect_attempts (effect_id, attempt, worker, started_at, finished_at, outcome, error)
       select id, ${effect.attempt}, ${this.workerId}, ${effect.claimedAt}, now(), ${set.status === 'done' ? 'ok' : 'error'}, ${set.error}
       from closed
-      returning effect_id`.execute(tx);
-    if (rows.length === 0) throw new LostLeaseError();
+      returning effect_id`.execute(this.db);
+    if (rows.length === 0) throw new LostLeaseError(effect.id);
   }
 
   /**
-   * Direct hand-off: the effects an outcome's event asks for, due now on this host, are born leased
-   * to this worker and launched as soon as the transaction commits (see ClaimOnWrite). A crash
-   * after the commit leaves them leased, and start-up expires this host's leases: nothing is lost.
+   * Direct hand-off: the effects a write asks for, due now on this host, are born leased to this
+   * worker and launched as soon as the write commits (see ClaimOnWrite). A crash after the commit
+   * leaves them leased, and start-up expires this host's leases: nothing is lost. `completing`: the
+   * caller is an effect of this worker whose slot is about to be free.
    */
-  private claimOnWrite(): ClaimOnWrite | undefined {
-    // The effect being completed still counts in inFlight; its slot is about to be free.
-    const limit = this.opts.concurrency - this.inFlight.size + 1;
+  claimOnWrite(completing = false): ClaimOnWrite | undefined {
+    const limit = this.opts.concurrency - this.inFlight.size + (completing ? 1 : 0);
     if (!this.running || limit <= 0) return undefined;
     return { workerId: this.workerId, hostId: this.opts.hostId, leaseMs: this.opts.leaseMs, limit };
   }
 
-  /** Applies the outcome's event; returns why it was ignored (or null), and the effects it asked for. */
-  private async deliver(tx: Executor, effect: ClaimedEffect, streamId: string, event: MachineEvent): Promise<{ ignored: string | null; claimed: ClaimedEffect[] }> {
+  /**
+   * Records the outcome's event and closes the effect in one statement. When the event changes
+   * nothing, is refused (a late outcome for a state that has moved on: a timer after the VM
+   * stopped, say) or was already delivered, the effect is closed alone and its row says why.
+   */
+  private async record(effect: ClaimedEffect, streamId: string, event: MachineEvent, close: { status: 'done' | 'failed'; error: string | null; note: string | null }): Promise<ClaimedEffect[]> {
+    let ignored: string | null = null;
     try {
-      const result = await applyEvent(
-        tx,
-        streamId,
-        event,
-        { actor: `effect:${effect.type}`, correlationId: effect.correlationId, causationId: effect.id },
-        this.opts.policy,
-        this.claimOnWrite(),
+      const result = await retrying(() =>
+        applyEvent(
+          this.db,
+          streamId,
+          event,
+          { actor: `effect:${effect.type}`, correlationId: effect.correlationId, causationId: effect.id },
+          this.opts.policy,
+          {
+            snapshots: this.snapshots,
+            batcher: this.batcher,
+            claimFor: this.claimOnWrite(true),
+            closes: { effectId: effect.id, workerId: this.workerId, attempt: effect.attempt, claimedAt: effect.claimedAt, ...close },
+          },
+        ),
       );
-      // A late outcome for a state that has moved on (a timer after the VM stopped, say) is
-      // dropped, and the effect row says so for the audit.
-      if (result.kind === 'rejected') return { ignored: `ignored ${event.type}: ${result.reason}`, claimed: [] };
-      return { ignored: null, claimed: result.kind === 'changed' ? result.claimed : [] };
+      if (result.kind === 'changed') {
+        if (result.pendingDueAt) this.noteDue(result.pendingDueAt);
+        return result.claimed;
+      }
+      if (result.kind === 'rejected') ignored = `ignored ${event.type}: ${result.reason}`;
     } catch (err) {
-      if (err instanceof DuplicateCausationError) return { ignored: `already delivered to ${streamId}`, claimed: [] };
-      throw err;
+      if (!(err instanceof DuplicateCausationError)) throw err;
+      ignored = `already delivered to ${streamId}`;
     }
+    await retrying(() => this.finish(effect, { ...close, note: [close.note, ignored].filter(Boolean).join('; ') || null }));
+    return [];
   }
 
   private async complete(effect: ClaimedEffect, outcome: EffectOutcome): Promise<ClaimedEffect[]> {
-    return inTransaction(this.db, async (tx) => {
-      let note = outcome.note ?? null;
-      let next: ClaimedEffect[] = [];
-      if (outcome.deliver) {
-        const delivered = await this.deliver(tx, effect, outcome.deliver.streamId, outcome.deliver.event);
-        if (delivered.ignored) note = note ? `${note}; ${delivered.ignored}` : delivered.ignored;
-        next = delivered.claimed;
-      }
-      await this.finish(tx, effect, { status: 'done', error: null, note });
-      return next;
-    });
+    const note = outcome.note ?? null;
+    if (outcome.deliver) return this.record(effect, outcome.deliver.streamId, outcome.deliver.event, { status: 'done', error: null, note });
+    await retrying(() => this.finish(effect, { status: 'done', error: null, note }));
+    return [];
   }
 
   private async fail(effect: ClaimedEffect, err: unknown, log: Logger): Promise<ClaimedEffect[]> {
@@ -380,15 +424,12 @@ export class EffectWorker {
     if (!exhausted) {
       const delay = backoffMs(this.opts.policy, effect.attempt);
       log.warn({ err: message, retryInMs: delay }, 'effect failed; will retry');
-      await inTransaction(this.db, (tx) => this.finish(tx, effect, { status: 'pending', error: message, dueInMs: delay }));
+      await retrying(() => this.finish(effect, { status: 'pending', error: message, dueInMs: delay }));
+      this.noteDue(new Date(Date.now() + delay));
       return [];
     }
     log.error({ err: message }, 'effect failed for good');
-    const next = await inTransaction(this.db, async (tx) => {
-      const { ignored, claimed } = await this.deliver(tx, effect, effect.streamId, { type: 'EFFECT_FAILED', effect: effect.type, error: message });
-      await this.finish(tx, effect, { status: 'failed', error: message, note: ignored });
-      return claimed;
-    });
+    const next = await this.record(effect, effect.streamId, { type: 'EFFECT_FAILED', effect: effect.type, error: message }, { status: 'failed', error: message, note: null });
     crashPoint('event:EFFECT_FAILED:after-commit');
     return next;
   }

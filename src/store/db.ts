@@ -3,6 +3,7 @@
  * data in a folder. Both speak the same SQL through Kysely; the few things Kysely does not cover
  * (LISTEN/NOTIFY) are here too, so nothing else in gpuvm knows which one it runs on.
  */
+import { createHash } from 'node:crypto';
 import { mkdirSync } from 'node:fs';
 import { PGlite } from '@electric-sql/pglite';
 import { Kysely, Migrator, PostgresDialect, type MigrationResultSet } from 'kysely';
@@ -12,6 +13,29 @@ import { PGliteDialect } from './pglite-dialect.ts';
 import type { Database } from './schema.ts';
 
 export const EFFECTS_CHANNEL = 'gpuvm_effects';
+
+/**
+ * Marks a statement the engine runs at every step (a step's write, a claim, an effect's close): on
+ * Postgres it is prepared once per connection and then only executed, so the server does not parse
+ * and plan the same text again for every step. Put it first in the statement's text.
+ */
+export const PREPARED = '/* prepared */ ';
+
+/** Makes `client` send marked statements as named (prepared) ones; the name is the text's hash. */
+function prepareMarked(client: pg.Client): void {
+  const query = client.query.bind(client) as (...args: unknown[]) => unknown;
+  const names = new Map<string, string>();
+  client.query = ((text: unknown, values?: unknown, callback?: unknown) => {
+    if (typeof text !== 'string' || !text.startsWith(PREPARED) || !Array.isArray(values)) return query(text, values, callback);
+    let name = names.get(text);
+    if (name === undefined) {
+      // Bounded: the engine's marked statements come in a few dozen shapes.
+      if (names.size >= 500) return query(text, values, callback);
+      names.set(text, (name = `gpuvm_${createHash('sha1').update(text).digest('hex').slice(0, 24)}`));
+    }
+    return query({ name, text, values }, callback);
+  }) as typeof client.query;
+}
 
 export interface DbOptions {
   /** postgres://… ; when absent, PGlite in `pgliteDir` (or in memory when pgliteDir is 'memory://'). */
@@ -43,7 +67,10 @@ async function openPostgres(url: string, poolSize: number): Promise<Db> {
   // and an unheard 'error' would take the process down. Listen on every client: the next query on
   // it fails instead, and the caller's retry gets a fresh connection.
   pool.on('error', () => {});
-  pool.on('connect', (client) => client.on('error', () => {}));
+  pool.on('connect', (client) => {
+    client.on('error', () => {});
+    prepareMarked(client);
+  });
   const kysely = new Kysely<Database>({ dialect: new PostgresDialect({ pool }) });
   const listeners = new Set<pg.Client>();
   let closing = false;

@@ -2,10 +2,9 @@
  * Projections: read tables derived from each stream's snapshot. The row functions are pure, so the
  * same code writes them in the command's transaction and rebuilds them from the log (`rebuild.ts`).
  */
-import type { Insertable } from 'kysely';
 import { partitionHoldsClaim, type HostContext, type PartitionContext, type StreamKind, type VmContext } from '../../machines/index.ts';
-import { isUniqueViolation, type Executor } from './events.ts';
-import type { GpuClaimsTable, HostsTable, PartitionsTable, StreamsTable, VmsTable } from './schema.ts';
+import { isUniqueViolation } from './events.ts';
+import type { ReadRow, StepWrite } from './step.ts';
 
 /** A stream's state after its latest event. `state` is the machine's state value. */
 export interface StreamSnapshot {
@@ -110,78 +109,36 @@ export function hostRow(s: StreamSnapshot): HostRow {
   };
 }
 
-function streamRow(s: StreamSnapshot): Insertable<StreamsTable> {
-  return {
-    stream_id: s.streamId,
-    machine: s.kind,
-    machine_version: s.machineVersion,
-    version: s.version,
-    state: JSON.stringify(s.state),
-    context: JSON.stringify(s.context),
-    created_at: s.createdAt,
-    updated_at: s.updatedAt,
-  };
-}
-
 /** Another partition holds one of these GPUs' claims: the primary key that forbids claiming a GPU twice. */
 export function isClaimConflict(err: unknown): boolean {
   return isUniqueViolation(err, 'gpu_claims_pkey');
 }
 
-/**
- * Writes the stream's snapshot and its read rows. `previous` is the snapshot before this event
- * (null for a new stream). GPU claims are inserted when a partition starts holding them: their
- * primary key is what makes two concurrent placements on overlapping modules impossible.
- */
-export async function writeProjections(db: Executor, next: StreamSnapshot, previous: StreamSnapshot | null): Promise<void> {
-  const row = streamRow(next);
-  // The snapshot rides with the read row in one statement (a data-modifying CTE): one round trip.
-  const withSnapshot = db.with('snapshot', (qb) =>
-    previous === null ? qb.insertInto('streams').values(row) : qb.updateTable('streams').set(row).where('stream_id', '=', next.streamId),
-  );
-
-  switch (next.kind) {
-    case 'vm': {
-      const vm = vmRow(next);
-      const values: Insertable<VmsTable> = { ...vm, gpus: JSON.stringify(vm.gpus) };
-      await withSnapshot
-        .insertInto('vms')
-        .values(values)
-        .onConflict((oc) => oc.column('id').doUpdateSet(values))
-        .execute();
-      return;
-    }
-    case 'partition': {
-      const p = partitionRow(next);
-      const values: Insertable<PartitionsTable> = { ...p, modules: JSON.stringify(p.modules) };
-      await withSnapshot
-        .insertInto('partitions')
-        .values(values)
-        .onConflict((oc) => oc.columns(['host_id', 'partition_id']).doUpdateSet(values))
-        .execute();
-      const held = previous !== null && partitionHoldsClaim(previous.state);
-      const holds = partitionHoldsClaim(next.state);
-      if (!held && holds) {
-        const claims: Insertable<GpuClaimsTable>[] = claimRows(next);
-        await db.insertInto('gpu_claims').values(claims).execute();
-      } else if (held && !holds) {
-        await db
-          .deleteFrom('gpu_claims')
-          .where('host_id', '=', p.host_id)
-          .where('partition_id', '=', p.partition_id)
-          .execute();
-      }
-      return;
-    }
-    case 'host': {
-      const h = hostRow(next);
-      const values: Insertable<HostsTable> = { ...h, inventory: JSON.stringify(h.inventory), quarantined_modules: JSON.stringify(h.quarantined_modules) };
-      await withSnapshot
-        .insertInto('hosts')
-        .values(values)
-        .onConflict((oc) => oc.column('id').doUpdateSet(values))
-        .execute();
-      return;
-    }
+/** The read row a snapshot maps to, and its table. */
+export function readRowOf(s: StreamSnapshot): ReadRow {
+  switch (s.kind) {
+    case 'vm':
+      return { table: 'vms', row: vmRow(s) };
+    case 'partition':
+      return { table: 'partitions', row: partitionRow(s) };
+    case 'host':
+      return { table: 'hosts', row: hostRow(s) };
   }
+}
+
+/**
+ * How a step changes the GPU claims: a partition inserts them when it starts holding its GPUs (their
+ * primary key is what makes two concurrent placements on overlapping modules impossible) and
+ * releases them when it stops.
+ */
+export function claimChange(next: StreamSnapshot, previous: StreamSnapshot | null): StepWrite['claims'] {
+  if (next.kind !== 'partition') return null;
+  const held = previous !== null && partitionHoldsClaim(previous.state);
+  const holds = partitionHoldsClaim(next.state);
+  if (!held && holds) return { insert: claimRows(next) };
+  if (held && !holds) {
+    const c = next.context as unknown as PartitionContext;
+    return { release: { hostId: c.hostId, partitionId: c.partitionId } };
+  }
+  return null;
 }

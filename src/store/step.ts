@@ -1,0 +1,279 @@
+/**
+ * Steps of streams, written as ONE statement: for each step its event, the stream's snapshot, its
+ * read row and GPU claims, the effects the event asks for and — for a worker recording an outcome —
+ * the effect it closes with that try. The statement's text never changes (every part is a JSON
+ * parameter), so Postgres prepares it once per connection; it carries any number of steps of
+ * different streams, which is how several lifecycles share one round trip and one commit (see
+ * StepBatcher). On its own it is one commit; inside a caller's transaction, one round trip of it.
+ *
+ * Everything of a step hangs off its event's insert, and, when it closes an effect, the event's
+ * insert hangs off the close: a worker that lost its lease writes nothing of that step. The guards
+ * are the log's unique keys, as for appendEvents: a stream moved by another writer fails the
+ * statement with ConcurrencyError, a re-delivered outcome with DuplicateCausationError, a GPU
+ * claimed twice with gpu_claims' primary key.
+ */
+import { CompiledQuery, sql, type Kysely, type RawBuilder } from 'kysely';
+import { EFFECTS_CHANNEL, PREPARED } from './db.ts';
+import { mapAppendError, type Executor, type NewEvent } from './events.ts';
+import type { Database } from './schema.ts';
+
+/**
+ * Stands for the statement's `now()` in the rows a step writes: the database's clock, which the
+ * effects' `due_at` is compared with, and which is known only once the statement runs.
+ */
+export const NOW: Date = new Date(0);
+
+/** A read row, upserted into its table by its key. */
+export type ReadRow = { table: 'vms'; row: object } | { table: 'partitions'; row: object } | { table: 'hosts'; row: object };
+
+export interface NewEffect {
+  id: string;
+  hostId: string;
+  type: string;
+  params: Record<string, unknown>;
+  delayMs: number;
+  maxAttempts: number;
+  /** Inserted already leased to this worker (first try running), rather than pending. */
+  leasedTo: string | null;
+}
+
+/** The effect a worker's outcome closes, with its try, in the same statement. */
+export interface EffectClose {
+  effectId: string;
+  workerId: string;
+  attempt: number;
+  claimedAt: Date;
+  status: 'done' | 'failed';
+  error: string | null;
+  note: string | null;
+}
+
+export interface StepWrite {
+  streamId: string;
+  /** The stream's version before this event (0 for a new stream). */
+  expectedVersion: number;
+  event: Omit<NewEvent, 'recordedAt'>;
+  /** The stream's snapshot after the event, as the streams table holds it; its dates may be NOW. */
+  stream: { machine: string; machineVersion: number; version: number; state: unknown; context: unknown; createdAt: Date };
+  readRow: ReadRow;
+  claims: { insert: object[] } | { release: { hostId: string; partitionId: number } } | null;
+  effects: NewEffect[];
+  leaseMs: number;
+  /** NOTIFY this host's workers at commit (effects were left pending for them). */
+  notifyHost: string | null;
+  closes: EffectClose | null;
+}
+
+export interface StepWritten {
+  position: string;
+  /** The statement's now(): the event's recorded_at. */
+  now: Date;
+}
+
+/** Each read table: its key, and its timestamp columns (a null there is the statement's now()). */
+const READ_TABLES = {
+  vms: { key: ['id'], columns: ['id', 'name', 'host_id', 'gpu_count', 'partition_id', 'gpus', 'state', 'reason', 'qemu_pid', 'created_at', 'updated_at'], stamped: ['created_at', 'updated_at'] },
+  partitions: { key: ['host_id', 'partition_id'], columns: ['host_id', 'partition_id', 'modules', 'size', 'state', 'vm_id', 'failure', 'updated_at'], stamped: ['updated_at'] },
+  hosts: { key: ['id'], columns: ['id', 'simulated', 'board', 'inventory', 'registered_at', 'quarantined_modules'], stamped: ['registered_at'] },
+} as const;
+
+/** A row's NOW values become null, which the statement reads as now() (only top-level fields hold dates). */
+function stamped(row: object): object {
+  return Object.fromEntries(Object.entries(row).map(([k, v]) => [k, v === NOW ? null : v]));
+}
+
+function upsertReadRows(table: keyof typeof READ_TABLES, param: string): RawBuilder<unknown> {
+  const t = READ_TABLES[table];
+  const cols = sql.join(t.columns.map((c) => sql.id(c)));
+  const values = sql.join(t.columns.map((c) => ((t.stamped as readonly string[]).includes(c) ? sql`coalesce(r.${sql.id(c)}, now())` : sql`r.${sql.id(c)}`)));
+  const updates = sql.join(t.columns.filter((c) => !(t.key as readonly string[]).includes(c)).map((c) => sql`${sql.id(c)} = excluded.${sql.id(c)}`));
+  return sql`${sql.id(`${table}_rows`)} as (
+    insert into ${sql.table(table)} (${cols})
+    select ${values}
+    from jsonb_array_elements(${param}::jsonb) as j join ev on ev.stream_id = j->>'stream_id',
+         jsonb_populate_record(null::${sql.table(table)}, j->'row') as r
+    on conflict (${sql.join(t.key.map((k) => sql.id(k)))}) do update set ${updates})`;
+}
+
+/** The statement's parameters: JSON arrays, one per part. */
+type Parts = Record<'closes' | 'events' | 'streams' | 'vms' | 'partitions' | 'hosts' | 'claims' | 'releases' | 'effects' | 'notify', string>;
+
+const statement = (p: Parts & { channel: string }) => sql`${sql.raw(PREPARED)}
+  with
+  closed as (
+    update effects e
+    set status = c.status, lease_owner = null, lease_until = null, last_error = c.error, note = c.note, completed_at = now()
+    from jsonb_to_recordset(${p.closes}::jsonb) as c(effect_id text, worker text, status text, error text, note text, attempt integer, claimed_at timestamptz)
+    where e.id = c.effect_id and e.status = 'running' and e.lease_owner = c.worker
+    returning e.id, c.worker, c.attempt, c.claimed_at, c.status, c.error),
+  tried as (
+    insert into effect_attempts (effect_id, attempt, worker, started_at, finished_at, outcome, error)
+    select id, attempt, worker, claimed_at, now(), case when status = 'done' then 'ok' else 'error' end, error from closed),
+  ev as (
+    insert into events (stream_id, stream_version, type, data, state_before, state_after, machine, machine_version,
+                        causation_id, correlation_id, actor, recorded_at)
+    select e.stream_id, e.stream_version, e.type, e.data, e.state_before, e.state_after, e.machine, e.machine_version,
+           e.causation_id, e.correlation_id, e.actor, now()
+    from jsonb_to_recordset(${p.events}::jsonb) as e(stream_id text, stream_version integer, type text, data jsonb, state_before jsonb,
+           state_after jsonb, machine text, machine_version integer, causation_id text, correlation_id text, actor text, closes text)
+    where e.closes is null or e.closes in (select id from closed)
+    returning stream_id, position, recorded_at),
+  snap as (
+    insert into streams (stream_id, machine, machine_version, version, state, context, created_at, updated_at)
+    select s.stream_id, s.machine, s.machine_version, s.version, s.state, s.context, coalesce(s.created_at, now()), now()
+    from jsonb_populate_recordset(null::streams, ${p.streams}::jsonb) as s join ev using (stream_id)
+    on conflict (stream_id) do update set machine_version = excluded.machine_version, version = excluded.version,
+      state = excluded.state, context = excluded.context, updated_at = excluded.updated_at),
+  ${upsertReadRows('vms', p.vms)},
+  ${upsertReadRows('partitions', p.partitions)},
+  ${upsertReadRows('hosts', p.hosts)},
+  claims_taken as (
+    insert into gpu_claims (host_id, module_id, partition_id, vm_id)
+    select r.host_id, r.module_id, r.partition_id, r.vm_id
+    from jsonb_array_elements(${p.claims}::jsonb) as j join ev on ev.stream_id = j->>'stream_id',
+         jsonb_populate_record(null::gpu_claims, j->'row') as r),
+  claims_released as (
+    delete from gpu_claims g
+    using jsonb_to_recordset(${p.releases}::jsonb) as x(stream_id text, host_id text, partition_id integer) join ev using (stream_id)
+    where g.host_id = x.host_id and g.partition_id = x.partition_id),
+  fx as (
+    insert into effects (id, stream_id, host_id, type, params, correlation_id, status, due_at, attempts, max_attempts,
+                         lease_owner, lease_until, claimed_at, created_at)
+    select f.id, f.stream_id, f.host_id, f.type, f.params, f.correlation_id,
+           case when f.leased_to is null then 'pending' else 'running' end,
+           now() + f.delay_ms * interval '1 millisecond',
+           case when f.leased_to is null then 0 else 1 end,
+           f.max_attempts, f.leased_to,
+           case when f.leased_to is null then null else now() + f.lease_ms * interval '1 millisecond' end,
+           case when f.leased_to is null then null else now() end,
+           now()
+    from jsonb_to_recordset(${p.effects}::jsonb) as f(stream_id text, id text, host_id text, type text, params jsonb, correlation_id text,
+           delay_ms double precision, max_attempts integer, leased_to text, lease_ms double precision)
+    join ev using (stream_id)),
+  -- Delivered at commit: wakes the hosts' workers without a polling delay.
+  notified as (
+    select pg_notify(${p.channel}, n.host)
+    from (select distinct n.host from jsonb_to_recordset(${p.notify}::jsonb) as n(stream_id text, host text) join ev using (stream_id)) as n)
+  select ev.stream_id, ev.position::text as position, ev.recorded_at as now, (select count(*) from notified) as notified from ev`;
+
+/**
+ * Compiled once, on first use: the text never changes, so only the parameters are made per call
+ * (Kysely would otherwise build and compile the same query for every step). Each parameter is
+ * compiled as its own name, looked up when the statement runs.
+ */
+let compiled: { sql: string; order: (keyof Parts | 'channel')[] } | null = null;
+
+function compiledStatement(db: Executor): { sql: string; order: (keyof Parts | 'channel')[] } {
+  if (!compiled) {
+    const names = ['closes', 'events', 'streams', 'vms', 'partitions', 'hosts', 'claims', 'releases', 'effects', 'notify', 'channel'] as const;
+    const query = statement(Object.fromEntries(names.map((n) => [n, n])) as Parts & { channel: string }).compile(db);
+    compiled = { sql: query.sql, order: query.parameters as (keyof Parts | 'channel')[] };
+  }
+  return compiled;
+}
+
+/**
+ * Writes the steps, of distinct streams, in one statement. Returns, per step, its event's position
+ * and the statement's time, or null where `closes` found the lease gone (nothing of it written).
+ */
+export async function writeSteps(db: Executor, writes: StepWrite[]): Promise<(StepWritten | null)[]> {
+  const rows = (table: ReadRow['table']) => writes.filter((w) => w.readRow.table === table).map((w) => ({ stream_id: w.streamId, row: stamped(w.readRow.row) }));
+  const parts: Parts & { channel: string } = {
+    channel: EFFECTS_CHANNEL,
+    closes: JSON.stringify(writes.flatMap((w) => (w.closes ? [{ effect_id: w.closes.effectId, worker: w.closes.workerId, status: w.closes.status, error: w.closes.error, note: w.closes.note, attempt: w.closes.attempt, claimed_at: w.closes.claimedAt }] : []))),
+    events: JSON.stringify(
+      writes.map((w) => ({
+        stream_id: w.streamId,
+        stream_version: w.expectedVersion + 1,
+        type: w.event.type,
+        data: w.event.data,
+        state_before: w.event.stateBefore,
+        state_after: w.event.stateAfter,
+        machine: w.event.machine,
+        machine_version: w.event.machineVersion,
+        causation_id: w.event.causationId,
+        correlation_id: w.event.correlationId,
+        actor: w.event.actor,
+        closes: w.closes?.effectId ?? null,
+      })),
+    ),
+    streams: JSON.stringify(writes.map((w) => ({ stream_id: w.streamId, machine: w.stream.machine, machine_version: w.stream.machineVersion, version: w.stream.version, state: w.stream.state, context: w.stream.context, created_at: w.stream.createdAt === NOW ? null : w.stream.createdAt }))),
+    vms: JSON.stringify(rows('vms')),
+    partitions: JSON.stringify(rows('partitions')),
+    hosts: JSON.stringify(rows('hosts')),
+    claims: JSON.stringify(writes.flatMap((w) => (w.claims && 'insert' in w.claims ? w.claims.insert.map((row) => ({ stream_id: w.streamId, row })) : []))),
+    releases: JSON.stringify(writes.flatMap((w) => (w.claims && 'release' in w.claims ? [{ stream_id: w.streamId, host_id: w.claims.release.hostId, partition_id: w.claims.release.partitionId }] : []))),
+    effects: JSON.stringify(
+      writes.flatMap((w) =>
+        w.effects.map((f) => ({ stream_id: w.streamId, id: f.id, host_id: f.hostId, type: f.type, params: f.params, correlation_id: w.event.correlationId, delay_ms: f.delayMs, max_attempts: f.maxAttempts, leased_to: f.leasedTo, lease_ms: w.leaseMs })),
+      ),
+    ),
+    notify: JSON.stringify(writes.flatMap((w) => (w.notifyHost ? [{ stream_id: w.streamId, host: w.notifyHost }] : []))),
+  };
+  try {
+    const { sql: text, order } = compiledStatement(db);
+    const { rows: written } = await db.executeQuery<{ stream_id: string; position: string; now: Date }>(CompiledQuery.raw(text, order.map((name) => parts[name])));
+    const byStream = new Map(written.map((r) => [r.stream_id, { position: r.position, now: new Date(r.now) }]));
+    return writes.map((w) => byStream.get(w.streamId) ?? null);
+  } catch (err) {
+    // Attributed to the first step; with several, StepBatcher writes each alone to find the one.
+    const w = writes[0]!;
+    mapAppendError(err, w.streamId, w.expectedVersion, w.event.causationId);
+  }
+}
+
+/**
+ * Group commit. Steps handed to `write` while a statement is in flight wait for it, then go
+ * together in the next one: at one lifecycle at a time each step is its own statement, with no
+ * added wait; at many, one round trip and one commit carry the steps of many lifecycles. Two steps
+ * of one stream never share a statement (the later one waits for the next). When a shared statement
+ * fails — one step's stream moved, say — each of its steps is written alone, so each caller gets
+ * its own answer.
+ */
+export class StepBatcher {
+  private queue: { write: StepWrite; resolve: (r: StepWritten | null) => void; reject: (err: unknown) => void }[] = [];
+  private flushing = false;
+  /** Steps written, and the statements that carried them (shared ones and lone retries). */
+  readonly stats = { steps: 0, statements: 0 };
+
+  constructor(
+    private readonly db: Kysely<Database>,
+    private readonly maxSteps = 64,
+  ) {}
+
+  write(write: StepWrite): Promise<StepWritten | null> {
+    return new Promise((resolve, reject) => {
+      this.queue.push({ write, resolve, reject });
+      if (!this.flushing) void this.flush();
+    });
+  }
+
+  private async flush(): Promise<void> {
+    this.flushing = true;
+    while (this.queue.length > 0) {
+      const streams = new Set<string>();
+      const batch: typeof this.queue = [];
+      const rest: typeof this.queue = [];
+      for (const item of this.queue) {
+        if (batch.length < this.maxSteps && !streams.has(item.write.streamId)) {
+          streams.add(item.write.streamId);
+          batch.push(item);
+        } else rest.push(item);
+      }
+      this.queue = rest;
+      this.stats.steps += batch.length;
+      this.stats.statements++;
+      try {
+        const results = await writeSteps(this.db, batch.map((b) => b.write));
+        batch.forEach((b, i) => b.resolve(results[i]!));
+      } catch (err) {
+        if (batch.length === 1) batch[0]!.reject(err);
+        else {
+          this.stats.statements += batch.length;
+          await Promise.all(batch.map((b) => writeSteps(this.db, [b.write]).then((r) => b.resolve(r[0]!), b.reject)));
+        }
+      }
+    }
+    this.flushing = false;
+  }
+}

@@ -1,0 +1,110 @@
+/**
+ * The step writer (src/store/step.ts): many streams' steps in one statement, each step all or
+ * nothing, and group commit that gives every caller its own answer.
+ */
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { sql } from 'kysely';
+import { migrate, openDb, type Db } from '../src/store/db.ts';
+import { ConcurrencyError, readStream } from '../src/store/events.ts';
+import { NOW, StepBatcher, writeSteps, type StepWrite } from '../src/store/step.ts';
+import { freshDatabaseUrl, usingPostgres } from './support/db.ts';
+
+/** A step of a made-up VM stream: event, snapshot, vms row and `effects` new pending effects. */
+function vmStep(vm: string, version: number, state: string, opts: { effects?: number; closes?: StepWrite['closes'] } = {}): StepWrite {
+  return {
+    streamId: `vm:${vm}`,
+    expectedVersion: version - 1,
+    event: { type: `TO_${state.toUpperCase()}`, data: { n: version }, stateBefore: version === 1 ? null : 'before', stateAfter: state, machine: 'vm', machineVersion: 1, causationId: opts.closes?.effectId ?? null, correlationId: vm, actor: 'test' },
+    stream: { machine: 'vm', machineVersion: 1, version, state, context: { vmId: vm }, createdAt: version === 1 ? NOW : new Date('2026-01-01T00:00:00Z') },
+    readRow: { table: 'vms', row: { id: vm, name: vm, host_id: 'h1', gpu_count: 1, partition_id: 0, gpus: [], state, reason: null, qemu_pid: null, created_at: version === 1 ? NOW : new Date('2026-01-01T00:00:00Z'), updated_at: NOW } },
+    claims: null,
+    effects: Array.from({ length: opts.effects ?? 0 }, (_, i) => ({ id: `vm:${vm}@${version}#${i}`, hostId: 'h1', type: 'noop', params: { i }, delayMs: 0, maxAttempts: 3, leasedTo: null })),
+    leaseMs: 0,
+    notifyHost: null,
+    closes: opts.closes ?? null,
+  };
+}
+
+describe(`step writer (${usingPostgres ? 'postgres' : 'pglite'})`, () => {
+  let db: Db;
+  let drop: () => Promise<void>;
+  beforeAll(async () => {
+    const fresh = await freshDatabaseUrl();
+    drop = fresh.drop;
+    db = await openDb({ databaseUrl: fresh.url, pgliteDir: 'memory://' });
+    await migrate(db);
+  });
+  afterAll(async () => {
+    await db.close();
+    await drop();
+  });
+
+  const count = async (table: 'events' | 'effects' | 'vms' | 'streams' | 'effect_attempts') =>
+    Number((await sql<{ n: string }>`select count(*)::text as n from ${sql.table(table)}`.execute(db.kysely)).rows[0]!.n);
+
+  it('writes the steps of several streams in one statement, each with its snapshot, read row and effects', async () => {
+    const written = await writeSteps(db.kysely, [vmStep('a', 1, 'provisioning', { effects: 2 }), vmStep('b', 1, 'provisioning'), vmStep('c', 1, 'provisioning', { effects: 1 })]);
+    expect(written.every((w) => w !== null)).toBe(true);
+    // One statement, one transaction: one time for all.
+    expect(new Set(written.map((w) => w!.now.getTime())).size).toBe(1);
+    expect((await readStream(db.kysely, 'vm:a')).map((e) => e.type)).toEqual(['TO_PROVISIONING']);
+    const vms = await db.kysely.selectFrom('vms').select(['id', 'state', 'created_at']).orderBy('id').execute();
+    expect(vms.map((v) => [v.id, v.state])).toEqual([['a', 'provisioning'], ['b', 'provisioning'], ['c', 'provisioning']]);
+    expect(new Date(vms[0]!.created_at).getTime()).toBe(written[0]!.now.getTime());
+    const effects = await db.kysely.selectFrom('effects').select(['id', 'stream_id', 'status', 'correlation_id']).orderBy('id').execute();
+    expect(effects).toEqual([
+      { id: 'vm:a@1#0', stream_id: 'vm:a', status: 'pending', correlation_id: 'a' },
+      { id: 'vm:a@1#1', stream_id: 'vm:a', status: 'pending', correlation_id: 'a' },
+      { id: 'vm:c@1#0', stream_id: 'vm:c', status: 'pending', correlation_id: 'c' },
+    ]);
+    const stream = await db.kysely.selectFrom('streams').selectAll().where('stream_id', '=', 'vm:b').executeTakeFirstOrThrow();
+    expect(stream).toMatchObject({ version: 1, state: 'provisioning', context: { vmId: 'b' } });
+  });
+
+  it('writes nothing of a step whose effect lease is gone, and the rest of the statement', async () => {
+    // Lease vm:a@1#0 to w1; vm:a@1#1 stays pending (no lease to close).
+    await sql`update effects set status = 'running', lease_owner = 'w1', attempts = 1, claimed_at = now() where id = 'vm:a@1#0'`.execute(db.kysely);
+    const close = (effectId: string) => ({ effectId, workerId: 'w1', attempt: 1, claimedAt: new Date(), status: 'done' as const, error: null, note: null });
+    const before = { events: await count('events'), tries: await count('effect_attempts') };
+    const written = await writeSteps(db.kysely, [vmStep('a', 2, 'starting', { closes: close('vm:a@1#0') }), vmStep('c', 2, 'starting', { closes: close('vm:c@1#0'), effects: 1 })]);
+    expect(written[0]).not.toBeNull();
+    expect(written[1]).toBeNull();
+    expect(await count('events')).toBe(before.events + 1);
+    expect(await count('effect_attempts')).toBe(before.tries + 1);
+    expect((await db.kysely.selectFrom('vms').select('state').where('id', '=', 'c').executeTakeFirstOrThrow()).state).toBe('provisioning');
+    expect(await db.kysely.selectFrom('effects').select('id').where('id', '=', 'vm:c@2#0').executeTakeFirst()).toBeUndefined();
+    expect((await db.kysely.selectFrom('effects').select(['status', 'completed_at']).where('id', '=', 'vm:a@1#0').executeTakeFirstOrThrow()).status).toBe('done');
+  });
+
+  it('group commit: concurrent steps share statements, and a step that lost its race fails alone', async () => {
+    const batcher = new StepBatcher(db.kysely);
+    const ids = Array.from({ length: 12 }, (_, i) => `g${i}`);
+    const first = await Promise.all(ids.map((id) => batcher.write(vmStep(id, 1, 'provisioning'))));
+    expect(first.every((w) => w !== null)).toBe(true);
+    // The first went alone; the others waited for it and shared what came next.
+    expect(batcher.stats.steps).toBe(12);
+    expect(batcher.stats.statements).toBeLessThan(12);
+
+    // g3's step is decided on a stale version: it fails with ConcurrencyError, the others land.
+    const statements = batcher.stats.statements;
+    const second = await Promise.allSettled(ids.map((id) => batcher.write(vmStep(id, id === 'g3' ? 1 : 2, 'starting'))));
+    expect(second.filter((r) => r.status === 'fulfilled')).toHaveLength(11);
+    const failed = second[3] as PromiseRejectedResult;
+    expect(failed.status).toBe('rejected');
+    expect(failed.reason).toBeInstanceOf(ConcurrencyError);
+    expect((failed.reason as ConcurrencyError).streamId).toBe('vm:g3');
+    expect(batcher.stats.statements).toBeGreaterThan(statements);
+    const states = await db.kysely.selectFrom('vms').select(['id', 'state']).where('id', 'in', ids).orderBy('id').execute();
+    expect(states.filter((s) => s.state === 'starting')).toHaveLength(11);
+    expect(states.find((s) => s.id === 'g3')!.state).toBe('provisioning');
+  });
+
+  it('never puts two steps of one stream in one statement', async () => {
+    const batcher = new StepBatcher(db.kysely);
+    const results = await Promise.allSettled([batcher.write(vmStep('s', 1, 'provisioning')), batcher.write(vmStep('s', 2, 'starting')), batcher.write(vmStep('t', 1, 'provisioning')), batcher.write(vmStep('s', 3, 'running'))]);
+    expect(results.map((r) => r.status)).toEqual(['fulfilled', 'fulfilled', 'fulfilled', 'fulfilled']);
+    expect((await readStream(db.kysely, 'vm:s')).map((e) => e.streamVersion)).toEqual([1, 2, 3]);
+    // s@1 alone; then s@2 with t@1 (s@3 held back); then s@3. No statement failed and was split.
+    expect(batcher.stats).toEqual({ steps: 4, statements: 3 });
+  });
+});
