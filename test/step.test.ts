@@ -64,7 +64,7 @@ describe(`step writer (${usingPostgres ? 'postgres' : 'pglite'})`, () => {
   it('writes nothing of a step whose effect lease is gone, and the rest of the statement', async () => {
     // Lease vm:a@1#0 to w1; vm:a@1#1 stays pending (no lease to close).
     await sql`update effects set status = 'running', lease_owner = 'w1', attempts = 1, claimed_at = now() where id = 'vm:a@1#0'`.execute(db.kysely);
-    const close = (effectId: string) => ({ effectId, workerId: 'w1', attempt: 1, claimedAt: new Date(), status: 'done' as const, error: null, note: null });
+    const close = (effectId: string) => ({ effectId, workerId: 'w1', attempt: 1, status: 'done' as const, error: null, note: null });
     const before = { events: await count('events'), tries: await count('effect_attempts') };
     const written = await writeSteps(db.kysely, [vmStep('a', 2, 'starting', { closes: close('vm:a@1#0') }), vmStep('c', 2, 'starting', { closes: close('vm:c@1#0'), effects: 1 })]);
     expect(written[0]).not.toBeNull();

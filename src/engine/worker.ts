@@ -346,7 +346,7 @@ export class EffectWorker {
     set: { status: 'done' | 'failed' | 'pending'; error: string | null; dueInMs?: number; note?: string | null },
   ): Promise<void> {
     // The effect row is closed only if this worker still holds its lease, and the try is recorded
-    // from the same row.
+    // from the same row (it started when the row was claimed).
     const { rows } = await sql<{ effect_id: string }>`${sql.raw(PREPARED)}
       with closed as (
         update effects
@@ -354,10 +354,10 @@ export class EffectWorker {
             due_at = ${set.dueInMs === undefined ? sql`due_at` : sql`now() + make_interval(secs => ${set.dueInMs / 1000})`},
             completed_at = ${set.status === 'pending' ? null : sql`now()`}
         where id = ${effect.id} and status = 'running' and lease_owner = ${this.workerId}
-        returning id
+        returning id, claimed_at
       )
       insert into effect_attempts (effect_id, attempt, worker, started_at, finished_at, outcome, error)
-      select id, ${effect.attempt}, ${this.workerId}, ${effect.claimedAt}, now(), ${set.status === 'done' ? 'ok' : 'error'}, ${set.error}
+      select id, ${effect.attempt}, ${this.workerId}, claimed_at, now(), ${set.status === 'done' ? 'ok' : 'error'}, ${set.error}
       from closed
       returning effect_id`.execute(this.db);
     if (rows.length === 0) throw new LostLeaseError(effect.id);
@@ -394,7 +394,7 @@ export class EffectWorker {
             snapshots: this.snapshots,
             batcher: this.batcher,
             claimFor: this.claimOnWrite(true),
-            closes: { effectId: effect.id, workerId: this.workerId, attempt: effect.attempt, claimedAt: effect.claimedAt, ...close },
+            closes: { effectId: effect.id, workerId: this.workerId, attempt: effect.attempt, ...close },
           },
         ),
       );

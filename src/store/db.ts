@@ -5,7 +5,6 @@
  */
 import { createHash } from 'node:crypto';
 import { mkdirSync } from 'node:fs';
-import { PGlite } from '@electric-sql/pglite';
 import { Kysely, Migrator, PostgresDialect, type MigrationResultSet } from 'kysely';
 import pg from 'pg';
 import { migrations } from '../../migrations/index.ts';
@@ -125,6 +124,8 @@ async function openPostgres(url: string, poolSize: number): Promise<Db> {
 
 async function openPGlite(dir: string): Promise<Db> {
   if (!dir.startsWith('memory://')) mkdirSync(dir, { recursive: true });
+  // Loaded only here: a service on Postgres never pays for the embedded database's import.
+  const { PGlite } = await import('@electric-sql/pglite');
   const pglite = new PGlite(dir);
   await pglite.waitReady;
   const kysely = new Kysely<Database>({ dialect: new PGliteDialect(pglite) });

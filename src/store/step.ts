@@ -37,12 +37,11 @@ export interface NewEffect {
   leasedTo: string | null;
 }
 
-/** The effect a worker's outcome closes, with its try, in the same statement. */
+/** The effect a worker's outcome closes, with its try (which started at the row's claimed_at), in the same statement. */
 export interface EffectClose {
   effectId: string;
   workerId: string;
   attempt: number;
-  claimedAt: Date;
   status: 'done' | 'failed';
   error: string | null;
   note: string | null;
@@ -103,9 +102,9 @@ const statement = (p: Parts & { channel: string }) => sql`${sql.raw(PREPARED)}
   closed as (
     update effects e
     set status = c.status, lease_owner = null, lease_until = null, last_error = c.error, note = c.note, completed_at = now()
-    from jsonb_to_recordset(${p.closes}::jsonb) as c(effect_id text, worker text, status text, error text, note text, attempt integer, claimed_at timestamptz)
+    from jsonb_to_recordset(${p.closes}::jsonb) as c(effect_id text, worker text, status text, error text, note text, attempt integer)
     where e.id = c.effect_id and e.status = 'running' and e.lease_owner = c.worker
-    returning e.id, c.worker, c.attempt, c.claimed_at, c.status, c.error),
+    returning e.id, c.worker, c.attempt, e.claimed_at, c.status, c.error),
   tried as (
     insert into effect_attempts (effect_id, attempt, worker, started_at, finished_at, outcome, error)
     select id, attempt, worker, claimed_at, now(), case when status = 'done' then 'ok' else 'error' end, error from closed),
@@ -180,7 +179,7 @@ export async function writeSteps(db: Executor, writes: StepWrite[]): Promise<(St
   const rows = (table: ReadRow['table']) => writes.filter((w) => w.readRow.table === table).map((w) => ({ stream_id: w.streamId, row: stamped(w.readRow.row) }));
   const parts: Parts & { channel: string } = {
     channel: EFFECTS_CHANNEL,
-    closes: JSON.stringify(writes.flatMap((w) => (w.closes ? [{ effect_id: w.closes.effectId, worker: w.closes.workerId, status: w.closes.status, error: w.closes.error, note: w.closes.note, attempt: w.closes.attempt, claimed_at: w.closes.claimedAt }] : []))),
+    closes: JSON.stringify(writes.flatMap((w) => (w.closes ? [{ effect_id: w.closes.effectId, worker: w.closes.workerId, status: w.closes.status, error: w.closes.error, note: w.closes.note, attempt: w.closes.attempt }] : []))),
     events: JSON.stringify(
       writes.map((w) => ({
         stream_id: w.streamId,
