@@ -4,10 +4,10 @@
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { sql } from 'kysely';
-import { migrate, openDb, type Db } from '../src/store/db.ts';
+import type { Db } from '../src/store/db.ts';
 import { ConcurrencyError, readStream } from '../src/store/events.ts';
 import { NOW, StepBatcher, writeSteps, type StepWrite } from '../src/store/step.ts';
-import { freshDatabaseUrl, usingPostgres } from './support/db.ts';
+import { openFreshDb, usingPostgres } from './support/db.ts';
 
 /** A step of a made-up VM stream: event, snapshot, vms row and `effects` new pending effects. */
 function vmStep(vm: string, version: number, state: string, opts: { effects?: number; closes?: StepWrite['closes'] } = {}): StepWrite {
@@ -27,17 +27,11 @@ function vmStep(vm: string, version: number, state: string, opts: { effects?: nu
 
 describe(`step writer (${usingPostgres ? 'postgres' : 'pglite'})`, () => {
   let db: Db;
-  let drop: () => Promise<void>;
+  let close: () => Promise<void>;
   beforeAll(async () => {
-    const fresh = await freshDatabaseUrl();
-    drop = fresh.drop;
-    db = await openDb({ databaseUrl: fresh.url, pgliteDir: 'memory://' });
-    await migrate(db);
+    ({ db, close } = await openFreshDb());
   });
-  afterAll(async () => {
-    await db.close();
-    await drop();
-  });
+  afterAll(() => close());
 
   const count = async (table: 'events' | 'effects' | 'vms' | 'streams' | 'effect_attempts') =>
     Number((await sql<{ n: string }>`select count(*)::text as n from ${sql.table(table)}`.execute(db.kysely)).rows[0]!.n);

@@ -1,7 +1,7 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { openDb, migrate, type Db } from '../src/store/db.ts';
+import type { Db } from '../src/store/db.ts';
 import { appendEvents, ConcurrencyError, DuplicateCausationError, readLog, readStream, type NewEvent } from '../src/store/events.ts';
-import { freshDatabaseUrl, usingPostgres } from './support/db.ts';
+import { openFreshDb, usingPostgres } from './support/db.ts';
 
 const event = (type: string, causationId: string | null = null): NewEvent => ({
   type,
@@ -18,17 +18,11 @@ const event = (type: string, causationId: string | null = null): NewEvent => ({
 
 describe(`event store (${usingPostgres ? 'postgres' : 'pglite'})`, () => {
   let db: Db;
-  let drop: () => Promise<void>;
+  let close: () => Promise<void>;
   beforeAll(async () => {
-    const fresh = await freshDatabaseUrl();
-    drop = fresh.drop;
-    db = await openDb({ databaseUrl: fresh.url, pgliteDir: 'memory://' });
-    await migrate(db);
+    ({ db, close } = await openFreshDb());
   });
-  afterAll(async () => {
-    await db.close();
-    await drop();
-  });
+  afterAll(() => close());
 
   it('appends with an expected version and reads the stream back in order', async () => {
     await appendEvents(db.kysely, 'vm:s1', 0, [event('A'), event('B')]);

@@ -1,5 +1,6 @@
 /** A fresh database per test file: PGlite in memory, or a new database on DATABASE_URL's server. */
 import pg from 'pg';
+import { migrate, openDb, type Db } from '../../src/store/db.ts';
 
 export const usingPostgres = Boolean(process.env.DATABASE_URL);
 
@@ -25,3 +26,17 @@ export async function freshDatabaseUrl(): Promise<{ url: string | undefined; dro
   };
 }
 
+
+/** A migrated database of the test file's own (see freshDatabaseUrl); `close` closes and drops it. */
+export async function openFreshDb(): Promise<{ db: Db; close: () => Promise<void> }> {
+  const fresh = await freshDatabaseUrl();
+  const db = await openDb({ databaseUrl: fresh.url, pgliteDir: 'memory://' });
+  await migrate(db);
+  return {
+    db,
+    close: async () => {
+      await db.close();
+      await fresh.drop();
+    },
+  };
+}
