@@ -170,8 +170,10 @@ export class VmService {
       wake();
     });
     try {
-      // Read after the watch is set: a step committed in between is either read here or heard.
-      let vm = await this.get(vmId);
+      // Read after the watch is set: a step committed in between is either read here or heard. When
+      // the last snapshot this process committed is still in `from`, there is nothing to read yet.
+      const cached = this.worker?.snapshots.get(vmStream(vmId));
+      let vm = cached?.state === from ? vmRow(cached) : await this.get(vmId);
       for (;;) {
         if (heard) return vmRow(heard);
         const left = deadline - Date.now();
