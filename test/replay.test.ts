@@ -15,6 +15,7 @@ import { hostStream, machines, partitionStream, streamKind, vmStream } from '../
 import { effectId } from '../src/engine/commands.ts';
 import { decide } from '../src/engine/decide.ts';
 import { exportIncident, type IncidentRecord } from '../src/engine/export.ts';
+import { rebuildProjections, verifyProjections, type FoldedStream } from '../src/engine/rebuild.ts';
 import { replayHost, replayVm } from '../src/engine/replay.ts';
 import { formatProblem, verifyHistory, type HistoryProblem } from '../src/engine/verify.ts';
 import { GpuvmError } from '../src/errors.ts';
@@ -210,6 +211,53 @@ describe(`incident replay, verify and export (${usingPostgres ? 'postgres' : 'pg
       await putBack(row);
     }
     expect((await verifyHistory(db)).problems).toEqual([]);
+  });
+
+  it('rebuilds the same on worker threads and from pages that split streams, and names the same differences', async () => {
+    const inProcess = await verifyProjections(db, { workers: 0 });
+    expect(inProcess.differences).toEqual([]);
+    expect(inProcess.streams).toBe(17);
+    // Pages of 3 events split streams and hold pages within one stream; pages of 1 change stream at a page edge.
+    expect(await verifyProjections(db, { workers: 2, pageSize: 3 })).toEqual(inProcess);
+    expect(await verifyProjections(db, { workers: 0, pageSize: 1 })).toEqual(inProcess);
+
+    // Each stream's snapshot from the worker threads alone is decide()'s, applied event by event.
+    const folded = new Map<string, FoldedStream>();
+    const stats = await rebuildProjections(db, (f) => folded.set(f.streamId, f), { workers: 2, pageSize: 3, callerFolds: false });
+    expect(stats).toMatchObject({ streams: 17, events: inProcess.events, workers: 2, foldedHere: 0 });
+    expect(folded.size).toBe(17);
+    for (const streamId of [vmStream(vm.id), partitionStream(hostId(), vm.partition_id), hostStream(hostId())]) {
+      const events = await readStream(db, streamId);
+      let snap = null as StreamSnapshot | null;
+      for (const e of events) {
+        const d = decide(streamId, snap, { ...e.data, type: e.type });
+        if (d.kind !== 'changed') throw new Error(`${streamId} v${e.streamVersion} does not apply (${d.kind})`);
+        snap = { streamId, kind: streamKind(streamId), machineVersion: e.machineVersion, version: e.streamVersion, state: d.stateAfter, context: d.context, createdAt: snap?.createdAt ?? e.recordedAt, updatedAt: e.recordedAt };
+      }
+      const f = folded.get(streamId)!;
+      expect('error' in f).toBe(false);
+      if ('error' in f) continue;
+      expect(f.snapshot).toEqual(snap);
+    }
+
+    // A tampered row, and a stream that no longer folds: the same differences on either path.
+    const pS = partitionStream(hostId(), vm.partition_id);
+    const claim = (await readStream(db, pS)).find((e) => e.type === 'CLAIM')!;
+    await sql`update vms set reason = 'edited' where id = ${vm.id}`.execute(db);
+    await sql`update events set type = 'NOT_AN_EVENT' where position = ${claim.position}::bigint`.execute(db);
+    try {
+      const tampered = await verifyProjections(db, { workers: 0 });
+      expect(tampered.differences.map((d) => [d.streamId, d.table])).toEqual([
+        [pS, 'events'],
+        [vmStream(vm.id), 'vms'],
+      ]);
+      expect(tampered.differences[0]!.rebuilt).toMatch(/NOT_AN_EVENT does not apply/);
+      expect(await verifyProjections(db, { workers: 2, pageSize: 3, callerFolds: false })).toEqual(tampered);
+    } finally {
+      await sql`update events set type = 'CLAIM' where position = ${claim.position}::bigint`.execute(db);
+      await sql`update vms set reason = null where id = ${vm.id}`.execute(db);
+    }
+    expect((await verifyProjections(db, { workers: 0 })).differences).toEqual([]);
   });
 
   it('exports the incident: every correlated event, every effect and every try, as records', async () => {

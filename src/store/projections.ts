@@ -4,7 +4,7 @@
  */
 import { partitionHoldsClaim, type HostContext, type PartitionContext, type StreamKind, type VmContext } from '../../machines/index.ts';
 import { isUniqueViolation } from './events.ts';
-import type { ReadRow, StepWrite } from './step.ts';
+import type { StepWrite } from './step.ts';
 
 /** A stream's state after its latest event. `state` is the machine's state value. */
 export interface StreamSnapshot {
@@ -113,6 +113,9 @@ export function hostRow(s: StreamSnapshot): HostRow {
 export function isClaimConflict(err: unknown): boolean {
   return isUniqueViolation(err, 'gpu_claims_pkey');
 }
+
+/** A read row, with the table it belongs in. */
+export type ReadRow = { table: 'vms'; row: VmRow } | { table: 'partitions'; row: PartitionRow } | { table: 'hosts'; row: HostRow };
 
 /** The read row a snapshot maps to, and its table. */
 export function readRowOf(s: StreamSnapshot): ReadRow {

@@ -15,6 +15,7 @@
 import { CompiledQuery, sql, type Kysely, type RawBuilder } from 'kysely';
 import { EFFECTS_CHANNEL, PREPARED } from './db.ts';
 import { mapAppendError, type Executor, type NewEvent } from './events.ts';
+import type { ReadRow } from './projections.ts';
 import type { Database } from './schema.ts';
 
 /**
@@ -22,9 +23,6 @@ import type { Database } from './schema.ts';
  * effects' `due_at` is compared with, and which is known only once the statement runs.
  */
 export const NOW: Date = new Date(0);
-
-/** A read row, upserted into its table by its key. */
-export type ReadRow = { table: 'vms'; row: object } | { table: 'partitions'; row: object } | { table: 'hosts'; row: object };
 
 export interface NewEffect {
   id: string;
