@@ -11,11 +11,11 @@ import type { Logger } from '../log.ts';
 import type { Database } from '../store/schema.ts';
 import { DuplicateCausationError } from '../store/events.ts';
 import { applyEvent, loadSnapshot, retrying, type EffectPolicy, type LocalWorker } from './commands.ts';
+import { Periodic } from './periodic.ts';
+import { crashPoint } from './crash-points.ts';
 
 /** The states in which a VM's QEMU should be alive: its exit there is news. */
 const qemuShouldRun = (state: string) => state === 'running' || state === 'stopping';
-import { Periodic } from './periodic.ts';
-import { crashPoint } from './crash-points.ts';
 
 export class QemuMonitor {
   private readonly periodic: Periodic;
