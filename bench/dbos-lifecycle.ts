@@ -14,7 +14,7 @@
  */
 import { readFileSync } from 'node:fs';
 import { DBOS } from '@dbos-inc/dbos-sdk';
-import { backendCpu, cpuBetween, effectsOfOneLifecycle, fmt, freshDatabase, isMain, listOption, option, printTable, roundTrips, RoundTripRecorder, settledXactCommit, summarize, wallNow, type RoundTripCounts, type Summary } from './lib.ts';
+import { backendCpu, cpuBetween, effectsOfOneLifecycle, fmt, freshDatabase, runMain, listOption, option, printTable, roundTrips, RoundTripRecorder, settledXactCommit, summarize, wallNow, type RoundTripCounts, type Summary } from './lib.ts';
 
 export interface DbosRun {
   concurrency: number;
@@ -144,12 +144,4 @@ async function main(): Promise<void> {
 /** The installed SDK's version, as its package.json says. */
 export const DBOS_VERSION: string = JSON.parse(readFileSync(new URL('../node_modules/@dbos-inc/dbos-sdk/package.json', import.meta.url), 'utf8')).version;
 
-if (isMain(import.meta.url)) {
-  main().then(
-    () => process.exit(0),
-    (err) => {
-      console.error(err);
-      process.exit(1);
-    },
-  );
-}
+runMain(import.meta.url, main);

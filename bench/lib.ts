@@ -57,6 +57,21 @@ export function isMain(importMetaUrl: string): boolean {
   return process.argv[1] !== undefined && importMetaUrl === pathToFileURL(process.argv[1]).href;
 }
 
+/**
+ * Runs a figure's `main` when its module is the script node was started with, then exits: DBOS
+ * leaves timers behind after shutdown, and the figures are printed by then.
+ */
+export function runMain(importMetaUrl: string, main: () => Promise<void>): void {
+  if (!isMain(importMetaUrl)) return;
+  main().then(
+    () => process.exit(0),
+    (err) => {
+      console.error(err);
+      process.exit(1);
+    },
+  );
+}
+
 // ── clocks and statistics ────────────────────────────────────────────────────
 
 /** Wall-clock milliseconds with sub-millisecond resolution (see the file comment). */
@@ -107,7 +122,7 @@ export function printTable(title: string, rows: Record<string, string | number>[
 
 export const DB_PREFIX = 'gpuvm_bench_a_';
 
-/** The server the benchmarks run on; only used to create and drop gpuvm_bench_a_* databases. */
+/** The server the benchmarks run on; only used to create and drop gpuvm_bench_* databases. */
 export function adminUrl(): string {
   return option('pg-url', 'postgres://postgres@127.0.0.1:5432/postgres');
 }
@@ -128,15 +143,23 @@ async function admin<T>(fn: (c: pg.Client) => Promise<T>): Promise<T> {
   }
 }
 
+/** One statement on the bench server's admin connection (create or drop a database). */
+export async function adminQuery(text: string): Promise<void> {
+  await admin((c) => c.query(text));
+}
+
 export interface BenchDatabase {
   name: string;
   url: string;
   drop(): Promise<void>;
 }
 
-/** A brand-new database `gpuvm_bench_a_<label>_<pid>_<random>` on the bench server. */
-export async function freshDatabase(label: string): Promise<BenchDatabase> {
-  const name = `${DB_PREFIX}${label}_${process.pid}_${Math.random().toString(36).slice(2, 7)}`;
+/**
+ * A brand-new database `<prefix><label>_<pid>_<random>` on the bench server. Figures 1, 2 and 6 use
+ * gpuvm_bench_a_ (which dropStaleDatabases reaps); figures 3 and 5 their own prefix.
+ */
+export async function freshDatabase(label: string, prefix = DB_PREFIX): Promise<BenchDatabase> {
+  const name = `${prefix}${label}_${process.pid}_${Math.random().toString(36).slice(2, 7)}`;
   if (!/^[a-z0-9_]+$/.test(name)) throw new Error(`bad database label ${JSON.stringify(label)}`);
   await admin((c) => c.query(`create database ${name}`));
   return {

@@ -31,7 +31,7 @@ import {
   dropStaleDatabases,
   fmt,
   freshDatabase,
-  isMain,
+  runMain,
   listOption,
   option,
   printTable,
@@ -256,13 +256,4 @@ async function main(): Promise<void> {
   printTable('figure 1: ratios (goal: gpuvm ≥ 2× DBOS at 1, ≥ 3× DBOS at 16)', rows);
 }
 
-if (isMain(import.meta.url)) {
-  main().then(
-    // DBOS leaves timers behind after shutdown; the figures are printed, so exit.
-    () => process.exit(0),
-    (err) => {
-      console.error(err);
-      process.exit(1);
-    },
-  );
-}
+runMain(import.meta.url, main);

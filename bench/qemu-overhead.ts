@@ -22,30 +22,10 @@ import { openSimulatedHost, type HostAdapters } from '../src/host/host.ts';
 import { findQemuBinary } from '../src/host/qemu.ts';
 import { stopSimKernel } from '../src/host/sim/sim-host.ts';
 import { startService, type Service } from '../src/service.ts';
-import pg from 'pg';
-import { fmt, isMain, option, printTable, summarize, wallNow } from './lib.ts';
+import { fmt, freshDatabase, isMain, option, printTable, summarize, wallNow } from './lib.ts';
 
-// ── the database (gpuvm_bench_b_*: bench/lib.ts's freshDatabase names gpuvm_bench_a_* only) ────
-const PG_URL = option('pg-url', 'postgres://postgres@127.0.0.1:5432/postgres');
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 const median = (xs: number[]) => summarize(xs).p50;
-async function freshDatabase(tag: string): Promise<{ url: string; drop: () => Promise<void> }> {
-  const name = `gpuvm_bench_b_${tag}_${process.pid}`;
-  const admin = async (q: string) => {
-    const c = new pg.Client({ connectionString: PG_URL });
-    await c.connect();
-    try {
-      await c.query(q);
-    } finally {
-      await c.end();
-    }
-  };
-  await admin(`drop database if exists ${name} with (force)`);
-  await admin(`create database ${name}`);
-  const url = new URL(PG_URL);
-  url.pathname = `/${name}`;
-  return { url: url.toString(), drop: () => admin(`drop database if exists ${name} with (force)`) };
-}
 
 const RUNS = option('runs', 5);
 const GPUS = option('gpus', 4);
@@ -196,7 +176,7 @@ export async function main(): Promise<void> {
   if (!qemuBin) throw new Error('qemu-system-x86_64 is not installed: figure 5 needs the real QEMU');
   const log = pino({ level: process.env.BENCH_LOG ?? 'silent' });
   const dataDir = mkdtempSync(join(tmpdir(), 'gb-q-')); // short: QMP socket paths are limited to 107 bytes
-  const database = await freshDatabase('qemu');
+  const database = await freshDatabase('qemu', 'gpuvm_bench_b_');
   const config = loadConfig(
     {
       dataDir,

@@ -30,35 +30,14 @@ import { cpus, loadavg, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { sql, type Kysely } from 'kysely';
-import pg from 'pg';
 import { loadConfig } from '../src/config.ts';
 import { VmService } from '../src/engine/vms.ts';
 import { retryPolicy } from '../src/service.ts';
 import { openDb, type Db } from '../src/store/db.ts';
 import type { Database } from '../src/store/schema.ts';
-import { fmt, isMain, option, printTable, summarize, wallNow } from './lib.ts';
+import { fmt, freshDatabase, isMain, option, printTable, summarize, wallNow } from './lib.ts';
 
 const SERVE = fileURLToPath(new URL('./recovery-serve.ts', import.meta.url));
-
-// ── the database (gpuvm_bench_b_*: bench/lib.ts's freshDatabase names gpuvm_bench_a_* only) ────
-const adminUrl = () => option('pg-url', 'postgres://postgres@127.0.0.1:5432/postgres');
-async function admin(q: string): Promise<void> {
-  const c = new pg.Client({ connectionString: adminUrl() });
-  await c.connect();
-  try {
-    await c.query(q);
-  } finally {
-    await c.end();
-  }
-}
-async function freshDatabase(label: string): Promise<{ name: string; url: string; drop: () => Promise<void> }> {
-  const name = `gpuvm_bench_b_${label}_${process.pid}`;
-  await admin(`drop database if exists ${name} with (force)`);
-  await admin(`create database ${name}`);
-  const url = new URL(adminUrl());
-  url.pathname = `/${name}`;
-  return { name, url: url.toString(), drop: () => admin(`drop database if exists ${name} with (force)`) };
-}
 
 // ── the service child ────────────────────────────────────────────────────────
 interface Ready {
@@ -189,7 +168,7 @@ async function countBy(db: Kysely<Database>, q: string): Promise<Record<string, 
 }
 
 async function oneRun(label: string, o: RunOptions): Promise<RunResult> {
-  const database = await freshDatabase(`recovery_${label}`);
+  const database = await freshDatabase(`recovery_${label}`, 'gpuvm_bench_b_');
   const stateDir = mkdtempSync(join(tmpdir(), 'gb-rec-'));
   let child = spawnServe(database.url, o.hosts, stateDir);
   let store: Db | null = null;

@@ -34,7 +34,6 @@ import { cpus, loadavg, tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { performance } from 'node:perf_hooks';
 import { sql, type Kysely } from 'kysely';
-import pg from 'pg';
 import pino from 'pino';
 import { streamKind } from '../machines/index.ts';
 import { loadConfig } from '../src/config.ts';
@@ -46,7 +45,7 @@ import type { StreamSnapshot } from '../src/store/projections.ts';
 import { openDb, type Db } from '../src/store/db.ts';
 import type { Database } from '../src/store/schema.ts';
 import { startService, type Service } from '../src/service.ts';
-import { isMain, option, printTable } from './lib.ts';
+import { adminQuery, databaseUrl, isMain, option, printTable } from './lib.ts';
 import { createMemoryHost } from './memory-host.ts';
 
 /** A bare `--name` on the command line. */
@@ -55,23 +54,8 @@ const TARGET = option('events', 1_000_000);
 const PAGE = option('page', 5000);
 const SEED_HOST = 'seedhost';
 
-// ── the database (gpuvm_bench_r_*, this figure's own prefix) ────
-const PG_URL = option('pg-url', 'postgres://postgres@127.0.0.1:5432/postgres');
+// The database: gpuvm_bench_r_*, this figure's own prefix (made and dropped with lib.ts's adminQuery).
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
-async function admin(q: string): Promise<void> {
-  const c = new pg.Client({ connectionString: PG_URL });
-  await c.connect();
-  try {
-    await c.query(q);
-  } finally {
-    await c.end();
-  }
-}
-function dbUrl(name: string): string {
-  const url = new URL(PG_URL);
-  url.pathname = `/${name}`;
-  return url.toString();
-}
 const fmtRate = (n: number) => Math.round(n).toLocaleString('en-US');
 
 // ── the seed: real lifecycles through the engine ─────────────────────────────────────────────
@@ -334,10 +318,10 @@ export async function main(): Promise<void> {
   let store: Db | null = null;
   try {
     if (!reuse) {
-      await admin(`create database ${name}`);
+      await adminQuery(`create database ${name}`);
       console.log(`figure 4: building a log of ${TARGET.toLocaleString('en-US')} events in ${name}`);
-      const vmIds = await timed('seed lifecycles through the engine', () => runSeed(dbUrl(name)));
-      store = await openDb({ databaseUrl: dbUrl(name) });
+      const vmIds = await timed('seed lifecycles through the engine', () => runSeed(databaseUrl(name)));
+      store = await openDb({ databaseUrl: databaseUrl(name) });
       const seedCheck = await verifyProjections(store.kysely);
       if (seedCheck.differences.length) throw new Error(`the seed does not verify: ${JSON.stringify(seedCheck.differences[0])}`);
       const { value: rep } = await timed('replicate with SQL', () => replicate(store!.kysely, vmIds.value, TARGET));
@@ -345,7 +329,7 @@ export async function main(): Promise<void> {
       // Reads should meet a settled table (hint bits set, statistics known), as a long-lived log is.
       await timed('vacuum analyze', () => sql`vacuum analyze`.execute(store!.kysely));
     } else {
-      store = await openDb({ databaseUrl: dbUrl(name) });
+      store = await openDb({ databaseUrl: databaseUrl(name) });
     }
     const db = store.kysely;
     const count = async (q: string) => Number((await sql.raw<{ n: string }>(`select count(*)::text as n from ${q}`).execute(db)).rows[0]!.n);
@@ -430,7 +414,7 @@ export async function main(): Promise<void> {
     }
   } finally {
     await store?.close();
-    if (!flag('keep') && !reuse) await admin(`drop database if exists ${name} with (force)`);
+    if (!flag('keep') && !reuse) await adminQuery(`drop database if exists ${name} with (force)`);
     else console.log(`kept database ${name}`);
   }
 }
