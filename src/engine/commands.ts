@@ -61,36 +61,32 @@ export interface ClaimOnWrite {
   limit: number;
 }
 
-interface StreamRowWithNow {
-  now: Date;
-  stream_id: string | null;
-  machine_version: number | null;
-  version: number | null;
+interface StreamRow {
+  stream_id: string;
+  machine_version: number;
+  version: number;
   state: unknown;
-  context: Record<string, unknown> | null;
-  created_at: Date | null;
-  updated_at: Date | null;
+  context: Record<string, unknown>;
+  created_at: Date;
+  updated_at: Date;
 }
 
-/** The stream's snapshot and the database clock, in one round trip. */
-export async function loadSnapshot(db: Executor, streamId: string): Promise<{ now: Date; snapshot: StreamSnapshot | null }> {
-  const { rows } = await sql<StreamRowWithNow>`${sql.raw(PREPARED)}
-    select now() as now, s.stream_id, s.machine_version, s.version, s.state, s.context, s.created_at, s.updated_at
-    from (select 1) as one left join streams s on s.stream_id = ${streamId}`.execute(db);
-  const r = rows[0]!;
-  if (r.stream_id === null) return { now: new Date(r.now), snapshot: null };
+/** The stream's stored snapshot, or null for a stream with no event yet. */
+export async function loadSnapshot(db: Executor, streamId: string): Promise<StreamSnapshot | null> {
+  const { rows } = await sql<StreamRow>`${sql.raw(PREPARED)}
+    select stream_id, machine_version, version, state, context, created_at, updated_at
+    from streams where stream_id = ${streamId}`.execute(db);
+  const r = rows[0];
+  if (!r) return null;
   return {
-    now: new Date(r.now),
-    snapshot: {
-      streamId,
-      kind: streamKind(streamId),
-      machineVersion: r.machine_version!,
-      version: r.version!,
-      state: r.state as string,
-      context: r.context!,
-      createdAt: new Date(r.created_at!),
-      updatedAt: new Date(r.updated_at!),
-    },
+    streamId,
+    kind: streamKind(streamId),
+    machineVersion: r.machine_version,
+    version: r.version,
+    state: r.state as string,
+    context: r.context,
+    createdAt: new Date(r.created_at),
+    updatedAt: new Date(r.updated_at),
   };
 }
 
@@ -179,11 +175,11 @@ export async function applyEvent(
   opts: ApplyOptions = {},
 ): Promise<ApplyResult> {
   const cached = opts.snapshot === undefined ? opts.snapshots?.get(streamId) : undefined;
-  let snapshot = opts.snapshot !== undefined ? opts.snapshot : (cached ?? (await loadSnapshot(tx, streamId)).snapshot);
+  let snapshot = opts.snapshot !== undefined ? opts.snapshot : (cached ?? (await loadSnapshot(tx, streamId)));
   let decision: Decision = decide(streamId, snapshot, event);
   if (cached && decision.kind !== 'changed') {
     // A refusal must come from the stored state, not from a snapshot another writer may have moved past.
-    snapshot = (await loadSnapshot(tx, streamId)).snapshot;
+    snapshot = await loadSnapshot(tx, streamId);
     decision = decide(streamId, snapshot, event);
   }
   if (decision.kind === 'rejected') return { ...decision, snapshot };

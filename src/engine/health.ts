@@ -42,7 +42,7 @@ export class HealthMonitor {
 
   /** One pass over the kernel log and nvidia-smi. */
   async check(): Promise<void> {
-    const { snapshot } = await loadSnapshot(this.db, hostStream(this.host.hostId));
+    const snapshot = await loadSnapshot(this.db, hostStream(this.host.hostId));
     if (!snapshot) return;
     const gpus = (snapshot.context as unknown as HostContext).inventory?.gpus ?? [];
     const moduleOf = (pci: string) => gpus.find((g) => g.pciAddress === pci || g.pciAddress.slice(0, -2) === pci.slice(0, -2));

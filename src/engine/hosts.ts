@@ -20,7 +20,7 @@ export async function registerHost(
   opts: { expectedGpus?: { moduleId: number; pciAddress: string }[] } = {},
 ): Promise<{ registered: boolean; context: HostContext }> {
   const existing = await loadSnapshot(db, hostStream(host.hostId));
-  if (existing.snapshot) return { registered: false, context: existing.snapshot.context as unknown as HostContext };
+  if (existing) return { registered: false, context: existing.context as unknown as HostContext };
 
   const inventory = await takeInventory(host, opts);
   const pci = new Map(inventory.gpus.map((g) => [g.moduleId, g.pciAddress]));
@@ -79,7 +79,7 @@ export async function clearQuarantine(
   policy: EffectPolicy,
 ): Promise<{ modules: number[]; partitions: number[] }> {
   return inTransaction(db, async (tx) => {
-    const { snapshot } = await loadSnapshot(tx, hostStream(hostId));
+    const snapshot = await loadSnapshot(tx, hostStream(hostId));
     if (!snapshot) throw notFound(`no host ${hostId}`);
     const meta = { actor, correlationId: hostStream(hostId), causationId: null };
     const quarantinedModules = Object.keys((snapshot.context as unknown as HostContext).quarantinedModules).map(Number);

@@ -56,7 +56,7 @@ export class QemuMonitor {
       const streamId = vmStream(vm.id);
       const result = await retrying(async () => {
         const cached = this.worker?.snapshots.get(streamId);
-        const snapshot = cached && qemuShouldRun(cached.state) ? cached : (await loadSnapshot(this.db, streamId)).snapshot;
+        const snapshot = cached && qemuShouldRun(cached.state) ? cached : await loadSnapshot(this.db, streamId);
         if (!snapshot || !qemuShouldRun(snapshot.state)) return null;
         try {
           // One observation per stream version: a second monitor pass cannot record it twice.

@@ -161,7 +161,7 @@ export class Reconciler {
 
   private async readLog(): Promise<LogView> {
     const hostId = this.host.hostId;
-    const { snapshot } = await loadSnapshot(this.db, hostStream(hostId));
+    const snapshot = await loadSnapshot(this.db, hostStream(hostId));
     if (!snapshot) throw new Error(`host ${hostId} is not registered`);
     const partitions = await sql<{ partition_id: number; state: string; version: number; context: PartitionContext }>`
       select p.partition_id, s.state, s.version, s.context
@@ -249,7 +249,7 @@ export class Reconciler {
     const streamId = partitionStream(this.host.hostId, partition.id);
     try {
       const recorded = await inTransaction(this.db, async (tx) => {
-        const { snapshot } = await loadSnapshot(tx, streamId);
+        const snapshot = await loadSnapshot(tx, streamId);
         // Moved since the log was read: the observation may predate the move; the next pass looks again.
         if (snapshot?.version !== partition.version) return false;
         const result = await applyEvent(
@@ -274,7 +274,7 @@ export class Reconciler {
   /** Whether these partitions are where the log stood when it was read (the judgement still holds). */
   private async unmoved(tx: Executor, partitions: PartitionView[]): Promise<boolean> {
     for (const p of partitions) {
-      const { snapshot } = await loadSnapshot(tx, partitionStream(this.host.hostId, p.id));
+      const snapshot = await loadSnapshot(tx, partitionStream(this.host.hostId, p.id));
       if (snapshot?.version !== p.version) return false;
     }
     return true;
@@ -284,7 +284,7 @@ export class Reconciler {
     const detail = `QEMU pid ${pid} runs for ${vmId}, which the log does not know or has ended`;
     return this.recordHostDrift('qemu-without-vm', detail, vmId, null, async (tx) => {
       // Re-read in the transaction: a VM created since the log was read may own this QEMU now.
-      const { snapshot } = await loadSnapshot(tx, vmStream(vmId));
+      const snapshot = await loadSnapshot(tx, vmStream(vmId));
       return snapshot === null || qemuHasEnded(snapshot.state);
     });
   }
