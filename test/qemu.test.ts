@@ -309,16 +309,22 @@ function lifecycleSuite(label: string, kind: 'real' | 'standin') {
 
       if (kind === 'real') {
         // Pause and resume (events may come before the replies), then let the firmware number
-        // the buses: query-pci shows each gpuN alone behind rpN and none on bus 0.
+        // the buses: query-pci shows each gpuN alone behind rpN and none on bus 0. While the
+        // firmware is still programming the ports' bus numbers, a read can show a device behind
+        // another port; the enumeration is done when two reads in a row agree.
         await qmp.execute('stop');
         await qmp.waitForEvent('STOP', 5_000);
         await qmp.execute('cont');
         await qmp.waitForEvent('RESUME', 5_000);
+        let previous = '';
         const bus0 = await until('firmware PCI enumeration', async () => {
           const buses = await qmp.execute<Array<{ bus: number; devices: PciDevice[] }>>('query-pci');
           const devs = buses.find((b) => b.bus === 0)?.devices ?? [];
           const ports = devs.filter((d) => /^rp\d$/.test(d.qdev_id));
-          return ports.length === 4 && ports.every((p) => (p.pci_bridge?.devices?.length ?? 0) > 0) ? devs : undefined;
+          const seen = JSON.stringify(buses);
+          const settled = seen === previous;
+          previous = seen;
+          return settled && ports.length === 4 && ports.every((p) => (p.pci_bridge?.devices?.length ?? 0) > 0) ? devs : undefined;
         }, 30_000);
         expect(bus0.some((d) => d.qdev_id.startsWith('gpu'))).toBe(false);
         for (let n = 0; n < 4; n++) {
