@@ -1,6 +1,6 @@
 /** The machines by stream kind. A stream id is `<kind>:<rest>`: `vm:<id>`, `partition:<host>:<n>`, `host:<id>`. */
 import { hostMachine, HOST_MACHINE_VERSION } from './host.ts';
-import { partitionMachine, PARTITION_MACHINE_VERSION } from './partition.ts';
+import { partitionMachine, PARTITION_MACHINE_VERSION, vmNoticeEvent, type NotifyVmParams } from './partition.ts';
 import { vmMachine, VM_MACHINE_VERSION } from './vm.ts';
 
 export const machines = {
@@ -20,6 +20,19 @@ export function streamKind(streamId: string): StreamKind {
 export const vmStream = (vmId: string) => `vm:${vmId}`;
 export const partitionStream = (hostId: string, partitionId: number) => `partition:${hostId}:${partitionId}`;
 export const hostStream = (hostId: string) => `host:${hostId}`;
+
+/**
+ * Effects that only carry a message from one stream to another: no host I/O, and the event they
+ * deliver follows from their params alone. The engine delivers such a message in the same statement
+ * as the step that asks for it whenever the receiving stream accepts it (src/engine/commands.ts),
+ * and through the outbox and a worker otherwise; the history reads the same either way.
+ */
+export const MESSAGE_EFFECTS: Record<string, (params: Record<string, unknown>) => { streamId: string; event: { type: string; [key: string]: unknown } }> = {
+  notifyVm: (params) => {
+    const p = params as unknown as NotifyVmParams;
+    return { streamId: vmStream(p.vmId), event: vmNoticeEvent(p) };
+  },
+};
 
 export * from './vm.ts';
 export * from './partition.ts';

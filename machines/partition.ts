@@ -105,6 +105,14 @@ export interface RepairParams {
 
 export type VmNotice = 'PARTITION_READY' | 'PARTITION_RELEASED' | 'PARTITION_FAILED';
 
+/** The params of a notifyVm effect: the partition's, and what the VM is told. */
+export type NotifyVmParams = PartitionEffectParams & { notice: VmNotice; reason: string | null };
+
+/** The event a notifyVm effect delivers to the VM's stream. */
+export function vmNoticeEvent(p: NotifyVmParams): { type: VmNotice; reason?: string } {
+  return p.notice === 'PARTITION_FAILED' ? { type: p.notice, reason: p.reason ?? 'unknown' } : { type: p.notice };
+}
+
 const effectParams = ({ context }: { context: PartitionContext }): PartitionEffectParams => ({
   hostId: context.hostId,
   partitionId: context.partitionId,
@@ -133,7 +141,7 @@ export const partitionMachine = setup({
     bindHost: (_, _params: PartitionEffectParams) => {},
     deactivatePartition: (_, _params: PartitionEffectParams) => {},
     confirmInactive: (_, _params: PartitionEffectParams) => {},
-    notifyVm: (_, _params: PartitionEffectParams & { notice: VmNotice; reason: string | null }) => {},
+    notifyVm: (_, _params: NotifyVmParams) => {},
     repairPartition: (_, _params: RepairParams) => {},
     rememberRelease: assign({ releaseRequested: true }),
     endCycle: assign(({ context }) => ({

@@ -18,10 +18,11 @@ function vmStep(vm: string, version: number, state: string, opts: { effects?: nu
     stream: { machine: 'vm', machineVersion: 1, version, state, context: { vmId: vm }, createdAt: version === 1 ? NOW : new Date('2026-01-01T00:00:00Z') },
     readRow: { table: 'vms', row: { id: vm, name: vm, host_id: 'h1', gpu_count: 1, partition_id: 0, gpus: [], state, reason: null, qemu_pid: null, created_at: version === 1 ? NOW : new Date('2026-01-01T00:00:00Z'), updated_at: NOW } },
     claims: null,
-    effects: Array.from({ length: opts.effects ?? 0 }, (_, i) => ({ id: `vm:${vm}@${version}#${i}`, hostId: 'h1', type: 'noop', params: { i }, delayMs: 0, maxAttempts: 3, leasedTo: null })),
+    effects: Array.from({ length: opts.effects ?? 0 }, (_, i) => ({ id: `vm:${vm}@${version}#${i}`, hostId: 'h1', type: 'noop', params: { i }, delayMs: 0, maxAttempts: 3, leasedTo: null, deliveredBy: null, note: null })),
     leaseMs: 0,
     notifyHost: null,
     closes: opts.closes ?? null,
+    closesWith: null,
   };
 }
 
@@ -73,7 +74,7 @@ describe(`step writer (${usingPostgres ? 'postgres' : 'pglite'})`, () => {
   it('group commit: concurrent steps share statements, and a step that lost its race fails alone', async () => {
     const batcher = new StepBatcher(db.kysely);
     const ids = Array.from({ length: 12 }, (_, i) => `g${i}`);
-    const first = await Promise.all(ids.map((id) => batcher.write(vmStep(id, 1, 'provisioning'))));
+    const first = await Promise.all(ids.map((id) => batcher.write([vmStep(id, 1, 'provisioning')]).then((r) => r[0])));
     expect(first.every((w) => w !== null)).toBe(true);
     // The first went alone; the others waited for it and shared what came next.
     expect(batcher.stats.steps).toBe(12);
@@ -81,7 +82,7 @@ describe(`step writer (${usingPostgres ? 'postgres' : 'pglite'})`, () => {
 
     // g3's step is decided on a stale version: it fails with ConcurrencyError, the others land.
     const statements = batcher.stats.statements;
-    const second = await Promise.allSettled(ids.map((id) => batcher.write(vmStep(id, id === 'g3' ? 1 : 2, 'starting'))));
+    const second = await Promise.allSettled(ids.map((id) => batcher.write([vmStep(id, id === 'g3' ? 1 : 2, 'starting')])));
     expect(second.filter((r) => r.status === 'fulfilled')).toHaveLength(11);
     const failed = second[3] as PromiseRejectedResult;
     expect(failed.status).toBe('rejected');
@@ -95,10 +96,57 @@ describe(`step writer (${usingPostgres ? 'postgres' : 'pglite'})`, () => {
 
   it('never puts two steps of one stream in one statement', async () => {
     const batcher = new StepBatcher(db.kysely);
-    const results = await Promise.allSettled([batcher.write(vmStep('s', 1, 'provisioning')), batcher.write(vmStep('s', 2, 'starting')), batcher.write(vmStep('t', 1, 'provisioning')), batcher.write(vmStep('s', 3, 'running'))]);
+    const results = await Promise.allSettled([batcher.write([vmStep('s', 1, 'provisioning')]), batcher.write([vmStep('s', 2, 'starting')]), batcher.write([vmStep('t', 1, 'provisioning')]), batcher.write([vmStep('s', 3, 'running')])]);
     expect(results.map((r) => r.status)).toEqual(['fulfilled', 'fulfilled', 'fulfilled', 'fulfilled']);
     expect((await readStream(db.kysely, 'vm:s')).map((e) => e.streamVersion)).toEqual([1, 2, 3]);
     // s@1 alone; then s@2 with t@1 (s@3 held back); then s@3. No statement failed and was split.
     expect(batcher.stats).toEqual({ steps: 4, statements: 3 });
+  });
+
+  it('a step and the message it delivers: one statement, the message effect born done with its try, and nothing of either on a lost lease', async () => {
+    await writeSteps(db.kysely, [vmStep('m1', 1, 'provisioning', { effects: 1 }), vmStep('m2', 1, 'provisioning')]);
+    await sql`update effects set status = 'running', lease_owner = 'w1', attempts = 1, claimed_at = now() where id = 'vm:m1@1#0'`.execute(db.kysely);
+    const close = { effectId: 'vm:m1@1#0', workerId: 'w1', attempt: 1, status: 'done' as const, error: null, note: null };
+    // m1's step sends a message (its effect #0) that m2's step delivers in the same statement.
+    const unit = () => {
+      const sender = vmStep('m1', 2, 'starting', { closes: close, effects: 1 });
+      sender.effects[0]!.deliveredBy = 'w1';
+      sender.effects[0]!.note = 'delivered TO_STARTING to vm:m2';
+      const receiver = vmStep('m2', 2, 'starting', { effects: 1 });
+      receiver.event.causationId = 'vm:m1@2#0';
+      receiver.closesWith = close.effectId;
+      return [sender, receiver];
+    };
+
+    // A lost lease: neither step, nor the message, nor the receiver's effect is written.
+    await sql`update effects set lease_owner = 'w2' where id = 'vm:m1@1#0'`.execute(db.kysely);
+    const before = { events: await count('events'), effects: await count('effects'), tries: await count('effect_attempts') };
+    expect(await writeSteps(db.kysely, unit())).toEqual([null, null]);
+    expect({ events: await count('events'), effects: await count('effects'), tries: await count('effect_attempts') }).toEqual(before);
+
+    await sql`update effects set lease_owner = 'w1' where id = 'vm:m1@1#0'`.execute(db.kysely);
+    const batcher = new StepBatcher(db.kysely);
+    const written = await batcher.write(unit());
+    expect(written.every((w) => w !== null)).toBe(true);
+    expect(batcher.stats).toEqual({ steps: 2, statements: 1 });
+    const message = await db.kysely.selectFrom('effects').selectAll().where('id', '=', 'vm:m1@2#0').executeTakeFirstOrThrow();
+    expect(message).toMatchObject({ status: 'done', attempts: 1, lease_owner: null, note: 'delivered TO_STARTING to vm:m2' });
+    expect(message.completed_at).not.toBeNull();
+    const tries = await db.kysely.selectFrom('effect_attempts').selectAll().where('effect_id', '=', 'vm:m1@2#0').execute();
+    expect(tries.map((t) => [t.attempt, t.worker, t.outcome])).toEqual([[1, 'w1', 'ok']]);
+    // The receiver's own effect is an ordinary pending one.
+    expect((await db.kysely.selectFrom('effects').select('status').where('id', '=', 'vm:m2@2#0').executeTakeFirstOrThrow()).status).toBe('pending');
+    const [, received] = await Promise.all([readStream(db.kysely, 'vm:m1'), readStream(db.kysely, 'vm:m2')]);
+    expect(received.map((e) => [e.type, e.causationId])).toEqual([['TO_PROVISIONING', null], ['TO_STARTING', 'vm:m1@2#0']]);
+  });
+
+  it('a unit whose second stream moved fails whole, and the error names that stream', async () => {
+    await writeSteps(db.kysely, [vmStep('u1', 1, 'provisioning'), vmStep('u2', 1, 'provisioning')]);
+    const batcher = new StepBatcher(db.kysely);
+    const results = await Promise.allSettled([batcher.write([vmStep('u1', 2, 'starting'), vmStep('u2', 1, 'starting')]), batcher.write([vmStep('u3', 1, 'provisioning')])]);
+    expect(results[0]!.status).toBe('rejected');
+    expect(((results[0] as PromiseRejectedResult).reason as ConcurrencyError).streamId).toBe('vm:u2');
+    expect(results[1]!.status).toBe('fulfilled');
+    expect((await readStream(db.kysely, 'vm:u1')).map((e) => e.streamVersion)).toEqual([1]);
   });
 });

@@ -5,7 +5,7 @@
  * (the outbox).
  */
 import { sql, type Kysely } from 'kysely';
-import { machines, streamKind } from '../../machines/index.ts';
+import { machines, MESSAGE_EFFECTS, streamKind } from '../../machines/index.ts';
 import { ConcurrencyError, type Executor } from '../store/events.ts';
 import { claimChange, readRowOf, type StreamSnapshot } from '../store/projections.ts';
 import { PREPARED } from '../store/db.ts';
@@ -174,6 +174,39 @@ export async function applyEvent(
   policy: EffectPolicy,
   opts: ApplyOptions = {},
 ): Promise<ApplyResult> {
+  const prepared = await prepareStep(tx, streamId, event, meta, policy, opts);
+  if (prepared.kind !== 'prepared') return prepared;
+  // On its own (not in a caller's transaction) the step carries the messages it sends.
+  const unit = tx.isTransaction ? [prepared] : await withMessages(tx, prepared, policy, opts);
+  const results = await commitSteps(tx, unit, opts);
+  const [first, ...delivered] = results;
+  // A kill after this commit is the caller's `after-commit` point: the delivered steps have none of their own.
+  if (delivered.length === 0) return first!;
+  // The caller launches what any step of the unit handed over; the delivered steps' snapshots are remembered already.
+  const due = results.map((r) => r.pendingDueAt?.getTime()).filter((t) => t !== undefined);
+  return { ...first!, claimed: results.flatMap((r) => r.claimed), pendingDueAt: due.length > 0 ? new Date(Math.min(...due)) : null };
+}
+
+/** A step decided and not yet written: see prepareStep and commitSteps. */
+export interface PreparedStep {
+  kind: 'prepared';
+  prior: StreamSnapshot | null;
+  next: StreamSnapshot;
+  write: StepWrite;
+}
+
+/**
+ * Decides `event` on the stream (see applyEvent for where the snapshot comes from) and builds its
+ * write, or says why nothing is to be written.
+ */
+export async function prepareStep(
+  tx: Executor,
+  streamId: string,
+  event: MachineEvent,
+  meta: CommandMeta,
+  policy: EffectPolicy,
+  opts: Pick<ApplyOptions, 'snapshot' | 'snapshots' | 'closes'> = {},
+): Promise<PreparedStep | Exclude<ApplyResult, { kind: 'changed' }>> {
   const cached = opts.snapshot === undefined ? opts.snapshots?.get(streamId) : undefined;
   let snapshot = opts.snapshot !== undefined ? opts.snapshot : (cached ?? (await loadSnapshot(tx, streamId)));
   let decision: Decision = decide(streamId, snapshot, event);
@@ -199,23 +232,11 @@ export async function applyEvent(
     createdAt: snapshot?.createdAt ?? NOW,
     updatedAt: NOW,
   };
-
   const hostId = String(decision.context.hostId);
-  const claimFor = opts.claimFor?.hostId === hostId ? opts.claimFor : undefined;
   const effects: NewEffect[] = decision.effects.map((e, i) => {
     const delayMs = typeof e.params.delayMs === 'number' ? e.params.delayMs : 0;
-    return { id: effectId(streamId, next.version, i), hostId, type: e.type, params: e.params, delayMs, maxAttempts: policy.maxAttempts(e.type), leasedTo: null };
+    return { id: effectId(streamId, next.version, i), hostId, type: e.type, params: e.params, delayMs, maxAttempts: policy.maxAttempts(e.type), leasedTo: null, deliveredBy: null, note: null };
   });
-  let handed = 0;
-  for (const e of effects) {
-    if (!claimFor || e.delayMs > 0 || handed >= claimFor.limit) continue;
-    e.leasedTo = claimFor.workerId;
-    handed++;
-  }
-  const pending = effects.filter((e) => e.leasedTo === null);
-
-  // A kill here is a kill before the commit: nothing of this step survives it.
-  crashPoint(`event:${type}:before-commit`);
   const write: StepWrite = {
     streamId,
     expectedVersion: version,
@@ -225,7 +246,7 @@ export async function applyEvent(
       stateBefore: decision.stateBefore,
       stateAfter: decision.stateAfter,
       machine: kind,
-      machineVersion: machines[kind].version,
+      machineVersion: next.machineVersion,
       causationId: meta.causationId,
       correlationId: meta.correlationId,
       actor: meta.actor,
@@ -234,31 +255,99 @@ export async function applyEvent(
     readRow: readRowOf(next),
     claims: claimChange(next, snapshot),
     effects,
-    leaseMs: claimFor?.leaseMs ?? 0,
-    // The local worker is told of what it was not handed (pendingDueAt); other processes hear NOTIFY.
-    notifyHost: pending.length > 0 && !claimFor ? hostId : null,
+    leaseMs: 0,
+    notifyHost: null,
     closes: opts.closes ?? null,
+    closesWith: null,
   };
-  let written: StepWritten | null;
+  return { kind: 'prepared', prior: snapshot, next, write };
+}
+
+/** A bound on messages delivered with one step (our machines send one at most; a chain stops here). */
+const MAX_DELIVERED = 4;
+
+/**
+ * The step, followed by the steps that deliver its message effects (MESSAGE_EFFECTS) to streams
+ * that accept them now: one statement then commits the sender's step, the message's effect row
+ * (born done, with its try) and the receiver's step, where the outbox would take a second commit
+ * and a worker's turn. A message the receiver refuses, or that could not be decided here, stays an
+ * ordinary effect and the worker delivers it, recording why it was ignored; should the receiver's
+ * stream move before the commit, the statement fails as a whole and the caller's retry decides
+ * both again.
+ */
+async function withMessages(tx: Executor, first: PreparedStep, policy: EffectPolicy, opts: ApplyOptions): Promise<PreparedStep[]> {
+  const unit = [first];
+  for (let i = 0; i < unit.length && unit.length <= MAX_DELIVERED; i++) {
+    const sender = unit[i]!;
+    for (const effect of sender.write.effects) {
+      const message = MESSAGE_EFFECTS[effect.type];
+      if (!message || effect.delayMs > 0 || unit.length > MAX_DELIVERED) continue;
+      crashPoint(`effect:${effect.type}:before-action`);
+      const { streamId, event } = message(effect.params);
+      if (unit.some((s) => s.write.streamId === streamId)) continue;
+      const meta = { actor: `effect:${effect.type}`, correlationId: sender.write.event.correlationId, causationId: effect.id };
+      const receiver = await prepareStep(tx, streamId, event, meta, policy, { snapshots: opts.snapshots });
+      if (receiver.kind !== 'prepared') continue;
+      crashPoint(`effect:${effect.type}:after-action`);
+      effect.deliveredBy = opts.claimFor?.workerId ?? sender.write.event.actor;
+      effect.note = `delivered ${event.type} to ${streamId} in the statement of ${sender.write.event.type}`;
+      receiver.write.closesWith = sender.write.closes?.effectId ?? sender.write.closesWith;
+      unit.push(receiver);
+    }
+  }
+  return unit;
+}
+
+/**
+ * Writes prepared steps (of distinct streams) as one statement: all commit or none. The new effects
+ * due now on the `claimFor` worker's host are handed to it; the rest are left pending (and the
+ * host's other processes told by NOTIFY, unless the local worker is told through pendingDueAt).
+ */
+export async function commitSteps(tx: Executor, steps: PreparedStep[], opts: Pick<ApplyOptions, 'snapshots' | 'claimFor' | 'batcher' | 'closes'> = {}): Promise<Extract<ApplyResult, { kind: 'changed' }>[]> {
+  const claimFor = opts.claimFor;
+  let handed = 0;
+  const pendingOf = new Map<PreparedStep, { pending: NewEffect[]; mine: boolean }>();
+  for (const step of steps) {
+    const mine = claimFor !== undefined && claimFor.hostId === String(step.next.context.hostId);
+    for (const e of step.write.effects) {
+      if (!mine || e.deliveredBy !== null || e.delayMs > 0 || handed >= claimFor.limit) continue;
+      e.leasedTo = claimFor.workerId;
+      handed++;
+    }
+    const pending = step.write.effects.filter((e) => e.leasedTo === null && e.deliveredBy === null);
+    pendingOf.set(step, { pending, mine });
+    step.write.leaseMs = mine ? claimFor.leaseMs : 0;
+    // The local worker is told of what it was not handed (pendingDueAt); other processes hear NOTIFY.
+    step.write.notifyHost = pending.length > 0 && !mine ? String(step.next.context.hostId) : null;
+  }
+
+  // A kill here is a kill before the commit: nothing of these steps survives it.
+  for (const step of steps) crashPoint(`event:${step.write.event.type}:before-commit`);
+  const writes = steps.map((s) => s.write);
+  let written: (StepWritten | null)[];
   try {
-    // On its own, the step may share its statement and commit with other lifecycles' (group commit).
-    written = opts.batcher && !tx.isTransaction ? await opts.batcher.write(write) : (await writeSteps(tx, [write]))[0]!;
+    // On its own, the unit may share its statement and commit with other lifecycles' (group commit).
+    written = opts.batcher && !tx.isTransaction ? await opts.batcher.write(writes) : await writeSteps(tx, writes);
   } catch (err) {
-    opts.snapshots?.forget(streamId);
+    for (const w of writes) opts.snapshots?.forget(w.streamId);
     throw err;
   }
-  if (!written) throw new LostLeaseError(opts.closes!.effectId);
+  // Every step of the unit hangs off the same close: a lost lease writes none of them.
+  if (written.some((w) => w === null)) throw new LostLeaseError(opts.closes?.effectId ?? writes[0]!.closes?.effectId ?? 'unknown');
 
-  const { now } = written;
-  const stored: StreamSnapshot = { ...next, createdAt: snapshot?.createdAt ?? now, updatedAt: now };
-  // Inside a caller's transaction the step is not committed yet: it may still roll back.
-  if (tx.isTransaction) opts.snapshots?.forget(streamId);
-  else opts.snapshots?.remember(stored);
-  const claimed: ClaimedEffect[] = effects
-    .filter((e) => e.leasedTo !== null)
-    .map((e) => ({ id: e.id, streamId, hostId, type: e.type, params: e.params, correlationId: meta.correlationId, attempt: 1, maxAttempts: e.maxAttempts, claimedAt: now }));
-  const pendingDueAt = claimFor && pending.length > 0 ? new Date(now.getTime() + Math.min(...pending.map((e) => e.delayMs))) : null;
-  return { kind: 'changed', snapshot: stored, position: written.position, claimed, pendingDueAt };
+  return steps.map((step, i) => {
+    const { now, position } = written[i]!;
+    const stored: StreamSnapshot = { ...step.next, createdAt: step.prior?.createdAt ?? now, updatedAt: now };
+    // Inside a caller's transaction the step is not committed yet: it may still roll back.
+    if (tx.isTransaction) opts.snapshots?.forget(step.next.streamId);
+    else opts.snapshots?.remember(stored);
+    const claimed: ClaimedEffect[] = step.write.effects
+      .filter((e) => e.leasedTo !== null)
+      .map((e) => ({ id: e.id, streamId: step.next.streamId, hostId: e.hostId, type: e.type, params: e.params, correlationId: step.write.event.correlationId, attempt: 1, maxAttempts: e.maxAttempts, claimedAt: now }));
+    const { pending, mine } = pendingOf.get(step)!;
+    const pendingDueAt = mine && pending.length > 0 ? new Date(now.getTime() + Math.min(...pending.map((e) => e.delayMs))) : null;
+    return { kind: 'changed' as const, snapshot: stored, position, claimed, pendingDueAt };
+  });
 }
 
 /** Serialization failures and deadlocks are worth a retry, like a lost optimistic race. */

@@ -5,6 +5,7 @@
  */
 import {
   hostStream,
+  MESSAGE_EFFECTS,
   partitionStream,
   vmStream,
   type PartitionEffectParams,
@@ -12,7 +13,6 @@ import {
   type StartQemuParams,
   type StopStrayQemuParams,
   type VmEffectParams,
-  type VmNotice,
 } from '../../machines/index.ts';
 import type { HostAdapters } from '../host/host.ts';
 import type { MachineEvent } from './decide.ts';
@@ -124,9 +124,9 @@ export function createHandlers(host: HostAdapters, hooks: HandlerHooks = {}): Ef
       return toPartition(p, { type: 'CONFIRMED_INACTIVE' });
     },
 
-    async notifyVm(p: PartitionEffectParams & { notice: VmNotice; reason: string | null }) {
-      const event = p.notice === 'PARTITION_FAILED' ? { type: p.notice, reason: p.reason ?? 'unknown' } : { type: p.notice };
-      return toVm(p, event);
+    /** A message (MESSAGE_EFFECTS): run here only when it could not be delivered with the step that asked for it. */
+    async notifyVm(params: Record<string, unknown>) {
+      return { deliver: MESSAGE_EFFECTS.notifyVm!(params) };
     },
 
     /** Drift repair, in the safe direction and in the release order: no stray QEMU, GPUs home, fmpm -d. */

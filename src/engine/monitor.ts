@@ -19,6 +19,9 @@ const qemuShouldRun = (state: string) => state === 'running' || state === 'stopp
 
 export class QemuMonitor {
   private readonly periodic: Periodic;
+  /** VMs whose QEMU this process saw exit since the last pass: a pass prompted by them checks just these. */
+  private exited = new Set<string>();
+  private lastFullPass = 0;
 
   constructor(
     private readonly db: Kysely<Database>,
@@ -29,27 +32,44 @@ export class QemuMonitor {
     /** The effect worker of this process: it runs the effects QEMU_EXITED asks for without a claim. */
     private readonly worker: LocalWorker | null = null,
   ) {
-    this.periodic = new Periodic(`QEMU monitor of host ${host.hostId}`, intervalMs, () => this.check(), log);
+    this.periodic = new Periodic(`QEMU monitor of host ${host.hostId}`, intervalMs, () => this.pass(), log);
   }
 
   start(): void {
     this.periodic.start();
     // A QEMU this process started reports its exit: no waiting for the next pass.
-    this.host.qemu.onExit(() => this.periodic.kick());
+    this.host.qemu.onExit((vmId) => {
+      this.exited.add(vmId);
+      this.periodic.kick();
+    });
   }
 
   stop(): Promise<void> {
     return this.periodic.stop();
   }
 
-  /** One pass: every VM whose QEMU should be alive, checked against the host. */
-  async check(): Promise<void> {
-    const vms = await this.db
-      .selectFrom('vms')
-      .select(['id', 'state'])
-      .where('host_id', '=', this.host.hostId)
-      .where('state', 'in', ['running', 'stopping'])
-      .execute();
+  /**
+   * A full pass once an interval has gone by since the last; otherwise, when exits were reported,
+   * just those VMs (no read of the vms table between a QEMU's exit and its QEMU_EXITED).
+   */
+  private pass(): Promise<void> {
+    const reported = [...this.exited];
+    this.exited.clear();
+    if (reported.length > 0 && Date.now() - this.lastFullPass < this.intervalMs) return this.check(reported);
+    this.lastFullPass = Date.now();
+    return this.check();
+  }
+
+  /** One pass: every VM whose QEMU should be alive (or just `vmIds`), checked against the host. */
+  async check(vmIds?: string[]): Promise<void> {
+    const vms =
+      vmIds?.map((id) => ({ id })) ??
+      (await this.db
+        .selectFrom('vms')
+        .select(['id', 'state'])
+        .where('host_id', '=', this.host.hostId)
+        .where('state', 'in', ['running', 'stopping'])
+        .execute());
     for (const vm of vms) {
       const status = await this.host.qemu.status(vm.id);
       if (status.running) continue;

@@ -10,7 +10,7 @@ import { isUniqueViolation, readCorrelated, type Executor, type StoredEvent } fr
 import { readEffectsWithTries } from '../store/effects.ts';
 import { isClaimConflict, vmRow, type StreamSnapshot, type VmRow } from '../store/projections.ts';
 import type { Database } from '../store/schema.ts';
-import { applyEvent, inTransaction, retrying, type EffectPolicy, type LocalWorker } from './commands.ts';
+import { applyEvent, commitSteps, prepareStep, retrying, type EffectPolicy, type LocalWorker } from './commands.ts';
 import { choosePartition, GPU_COUNTS } from './placement.ts';
 import { crashPoint } from './crash-points.ts';
 
@@ -59,13 +59,15 @@ export class VmService {
     // refuses ours, and we decide again on what is left.
     for (let attempt = 0; attempt < 50; attempt++) {
       try {
-        const written = await inTransaction(this.db, async (tx) => {
+        // No transaction: the read below is advice, and the one statement that writes CLAIM and CREATE
+        // together is guarded by the partition's stream version and the claims' primary key.
+        const written = await retrying(async () => {
           // One read: the host's partitions, its claimed GPUs and its quarantined ones.
           const { rows: partitions } = await sql<{ partition_id: number; modules: number[]; state: string; claimed: number[]; quarantined: Record<string, unknown> | null }>`
             select p.partition_id, p.modules, p.state,
                    (select coalesce(json_agg(c.module_id), '[]') from gpu_claims c where c.host_id = ${this.hostId}) as claimed,
                    (select h.quarantined_modules from hosts h where h.id = ${this.hostId}) as quarantined
-            from partitions p where p.host_id = ${this.hostId}`.execute(tx);
+            from partitions p where p.host_id = ${this.hostId}`.execute(this.db);
           if (partitions.length === 0) throw notFound(`host ${this.hostId} is not registered`);
           const claimed = new Set(partitions[0]!.claimed);
           const quarantined = new Set(Object.keys(partitions[0]!.quarantined ?? {}).map(Number));
@@ -85,12 +87,13 @@ export class VmService {
           }
           const pStream = partitionStream(this.hostId, chosen.partitionId);
           const meta = { actor: req.actor, correlationId: vmId, causationId };
-          const claim = await applyEvent(tx, pStream, { type: 'CLAIM', vmId }, meta, this.policy, { snapshots: this.worker?.snapshots, claimFor: this.worker?.claimOnWrite() });
+          const snapshots = this.worker?.snapshots;
+          const claim = await prepareStep(this.db, pStream, { type: 'CLAIM', vmId }, meta, this.policy, { snapshots });
           // Another placement claimed it after we read the table: decide again on fresh state.
-          if (claim.kind !== 'changed') throw new PlacementRace();
-          const ctx = claim.snapshot.context as { gpus: { moduleId: number; pciAddress: string }[] };
-          const created = await applyEvent(
-            tx,
+          if (claim.kind !== 'prepared') throw new PlacementRace();
+          const ctx = claim.next.context as { gpus: { moduleId: number; pciAddress: string }[] };
+          const created = await prepareStep(
+            this.db,
             vmStream(vmId),
             {
               type: 'CREATE',
@@ -106,14 +109,14 @@ export class VmService {
             meta,
             this.policy,
             // A new id: the stream does not exist yet (should it, the insert at version 1 fails).
-            { snapshot: null, claimFor: this.worker?.claimOnWrite() },
+            { snapshot: null },
           );
-          if (created.kind !== 'changed') throw new Error(`vm ${vmId} could not be created`);
-          return [claim, created] as const;
+          if (created.kind !== 'prepared') throw new Error(`vm ${vmId} could not be created`);
+          return commitSteps(this.db, [claim, created], { snapshots, claimFor: this.worker?.claimOnWrite(), batcher: this.worker?.batcher });
         });
         crashPoint('event:CREATE:after-commit');
         for (const result of written) this.worker?.handOver(result);
-        return vmRow(written[1].snapshot);
+        return vmRow(written[1]!.snapshot);
       } catch (err) {
         if (err instanceof PlacementRace || isClaimConflict(err)) continue;
         if (isUniqueViolation(err, 'vms_live_name')) throw conflict('name-taken', `a VM named ${JSON.stringify(name)} already exists`);

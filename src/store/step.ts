@@ -33,6 +33,12 @@ export interface NewEffect {
   maxAttempts: number;
   /** Inserted already leased to this worker (first try running), rather than pending. */
   leasedTo: string | null;
+  /**
+   * A message effect delivered in this same statement (its event is one of the statement's steps):
+   * the row is born done, with its one try recorded under this name, and `note` says so.
+   */
+  deliveredBy: string | null;
+  note: string | null;
 }
 
 /** The effect a worker's outcome closes, with its try (which started at the row's claimed_at), in the same statement. */
@@ -59,6 +65,11 @@ export interface StepWrite {
   /** NOTIFY this host's workers at commit (effects were left pending for them). */
   notifyHost: string | null;
   closes: EffectClose | null;
+  /**
+   * For a step that delivers a message of another step in the same statement: the effect that
+   * step closes, so that a lost lease writes neither of them.
+   */
+  closesWith: string | null;
 }
 
 export interface StepWritten {
@@ -135,18 +146,26 @@ const statement = (p: Parts & { channel: string }) => sql`${sql.raw(PREPARED)}
     where g.host_id = x.host_id and g.partition_id = x.partition_id),
   fx as (
     insert into effects (id, stream_id, host_id, type, params, correlation_id, status, due_at, attempts, max_attempts,
-                         lease_owner, lease_until, claimed_at, created_at)
+                         lease_owner, lease_until, claimed_at, completed_at, note, created_at)
     select f.id, f.stream_id, f.host_id, f.type, f.params, f.correlation_id,
-           case when f.leased_to is null then 'pending' else 'running' end,
+           case when f.delivered_by is not null then 'done' when f.leased_to is null then 'pending' else 'running' end,
            now() + f.delay_ms * interval '1 millisecond',
-           case when f.leased_to is null then 0 else 1 end,
+           case when f.delivered_by is null and f.leased_to is null then 0 else 1 end,
            f.max_attempts, f.leased_to,
            case when f.leased_to is null then null else now() + f.lease_ms * interval '1 millisecond' end,
-           case when f.leased_to is null then null else now() end,
-           now()
+           case when f.delivered_by is null and f.leased_to is null then null else now() end,
+           case when f.delivered_by is null then null else now() end,
+           f.note, now()
     from jsonb_to_recordset(${p.effects}::jsonb) as f(stream_id text, id text, host_id text, type text, params jsonb, correlation_id text,
-           delay_ms double precision, max_attempts integer, leased_to text, lease_ms double precision)
-    join ev using (stream_id)),
+           delay_ms double precision, max_attempts integer, leased_to text, lease_ms double precision, delivered_by text, note text)
+    join ev using (stream_id)
+    returning id),
+  -- A message delivered in this statement: its one try, done.
+  delivered as (
+    insert into effect_attempts (effect_id, attempt, worker, started_at, finished_at, outcome, error)
+    select f.id, 1, f.delivered_by, now(), now(), 'ok', null
+    from jsonb_to_recordset(${p.effects}::jsonb) as f(id text, delivered_by text) join fx using (id)
+    where f.delivered_by is not null),
   -- Delivered at commit: wakes the hosts' workers without a polling delay.
   notified as (
     select pg_notify(${p.channel}, n.host)
@@ -191,7 +210,7 @@ export async function writeSteps(db: Executor, writes: StepWrite[]): Promise<(St
         causation_id: w.event.causationId,
         correlation_id: w.event.correlationId,
         actor: w.event.actor,
-        closes: w.closes?.effectId ?? null,
+        closes: w.closes?.effectId ?? w.closesWith,
       })),
     ),
     streams: JSON.stringify(writes.map((w) => ({ stream_id: w.streamId, machine: w.stream.machine, machine_version: w.stream.machineVersion, version: w.stream.version, state: w.stream.state, context: w.stream.context, created_at: w.stream.createdAt === NOW ? null : w.stream.createdAt }))),
@@ -202,7 +221,7 @@ export async function writeSteps(db: Executor, writes: StepWrite[]): Promise<(St
     releases: JSON.stringify(writes.flatMap((w) => (w.claims && 'release' in w.claims ? [{ stream_id: w.streamId, host_id: w.claims.release.hostId, partition_id: w.claims.release.partitionId }] : []))),
     effects: JSON.stringify(
       writes.flatMap((w) =>
-        w.effects.map((f) => ({ stream_id: w.streamId, id: f.id, host_id: f.hostId, type: f.type, params: f.params, correlation_id: w.event.correlationId, delay_ms: f.delayMs, max_attempts: f.maxAttempts, leased_to: f.leasedTo, lease_ms: w.leaseMs })),
+        w.effects.map((f) => ({ stream_id: w.streamId, id: f.id, host_id: f.hostId, type: f.type, params: f.params, correlation_id: w.event.correlationId, delay_ms: f.delayMs, max_attempts: f.maxAttempts, leased_to: f.leasedTo, lease_ms: w.leaseMs, delivered_by: f.deliveredBy, note: f.note })),
       ),
     ),
     notify: JSON.stringify(writes.flatMap((w) => (w.notifyHost ? [{ stream_id: w.streamId, host: w.notifyHost }] : []))),
@@ -213,22 +232,25 @@ export async function writeSteps(db: Executor, writes: StepWrite[]): Promise<(St
     const byStream = new Map(written.map((r) => [r.stream_id, { position: r.position, now: new Date(r.now) }]));
     return writes.map((w) => byStream.get(w.streamId) ?? null);
   } catch (err) {
-    // Attributed to the first step; with several, StepBatcher writes each alone to find the one.
-    const w = writes[0]!;
+    // Attributed to the step the violated key names (Postgres's detail); else to the first. With
+    // several units, StepBatcher writes each alone to find the one.
+    const detail = String((err as { detail?: unknown })?.detail ?? '');
+    const w = writes.find((x) => detail.includes(`(${x.streamId},`)) ?? writes[0]!;
     mapAppendError(err, w.streamId, w.expectedVersion, w.event.causationId);
   }
 }
 
 /**
- * Group commit. Steps handed to `write` while a statement is in flight wait for it, then go
- * together in the next one: at one lifecycle at a time each step is its own statement, with no
- * added wait; at many, one round trip and one commit carry the steps of many lifecycles. Two steps
- * of one stream never share a statement (the later one waits for the next). When a shared statement
- * fails — one step's stream moved, say — each of its steps is written alone, so each caller gets
- * its own answer.
+ * Group commit. Units of steps handed to `write` while a statement is in flight wait for it, then
+ * go together in the next one: at one lifecycle at a time each unit is its own statement, with no
+ * added wait; at many, one round trip and one commit carry the steps of many lifecycles. A unit
+ * (steps that must commit together, such as a step and the message it delivers) is never split,
+ * and two steps of one stream never share a statement (the later unit waits for the next). When a
+ * shared statement fails (one step's stream moved, say) each of its units is written alone, so each
+ * caller gets its own answer.
  */
 export class StepBatcher {
-  private queue: { write: StepWrite; resolve: (r: StepWritten | null) => void; reject: (err: unknown) => void }[] = [];
+  private queue: { unit: StepWrite[]; resolve: (r: (StepWritten | null)[]) => void; reject: (err: unknown) => void }[] = [];
   private flushing = false;
   /** Steps written, and the statements that carried them (shared ones and lone retries). */
   readonly stats = { steps: 0, statements: 0 };
@@ -238,9 +260,10 @@ export class StepBatcher {
     private readonly maxSteps = 64,
   ) {}
 
-  write(write: StepWrite): Promise<StepWritten | null> {
+  /** Writes the unit's steps (of distinct streams) in one statement; resolves with each step's result. */
+  write(unit: StepWrite[]): Promise<(StepWritten | null)[]> {
     return new Promise((resolve, reject) => {
-      this.queue.push({ write, resolve, reject });
+      this.queue.push({ unit, resolve, reject });
       if (!this.flushing) void this.flush();
     });
   }
@@ -251,23 +274,27 @@ export class StepBatcher {
       const streams = new Set<string>();
       const batch: typeof this.queue = [];
       const rest: typeof this.queue = [];
+      let steps = 0;
       for (const item of this.queue) {
-        if (batch.length < this.maxSteps && !streams.has(item.write.streamId)) {
-          streams.add(item.write.streamId);
+        const fits = batch.length === 0 || steps + item.unit.length <= this.maxSteps;
+        if (fits && item.unit.every((w) => !streams.has(w.streamId))) {
+          for (const w of item.unit) streams.add(w.streamId);
+          steps += item.unit.length;
           batch.push(item);
         } else rest.push(item);
       }
       this.queue = rest;
-      this.stats.steps += batch.length;
+      this.stats.steps += steps;
       this.stats.statements++;
       try {
-        const results = await writeSteps(this.db, batch.map((b) => b.write));
-        batch.forEach((b, i) => b.resolve(results[i]!));
+        const results = await writeSteps(this.db, batch.flatMap((b) => b.unit));
+        let i = 0;
+        for (const b of batch) b.resolve(results.slice(i, (i += b.unit.length)));
       } catch (err) {
         if (batch.length === 1) batch[0]!.reject(err);
         else {
           this.stats.statements += batch.length;
-          await Promise.all(batch.map((b) => writeSteps(this.db, [b.write]).then((r) => b.resolve(r[0]!), b.reject)));
+          await Promise.all(batch.map((b) => writeSteps(this.db, b.unit).then(b.resolve, b.reject)));
         }
       }
     }
