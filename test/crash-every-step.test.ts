@@ -40,6 +40,8 @@ interface Walk {
 }
 
 async function start(walk: Walk): Promise<ServeChild> {
+  // A walk that failed leaves its child running: the next walk must not run beside it.
+  await child?.kill();
   for (;;) {
     try {
       child = await startServeChild({ dataDir: walk.dataDir, port: walk.port, databaseUrl: walk.databaseUrl, env: { GPUVM_CRASH_AT: `walk:${walk.visitedFile}` } });

@@ -44,15 +44,21 @@ export async function startServeChild(opts: { dataDir: string; port: number; dat
   proc.stderr!.on('data', (d) => (out += d));
   const url = `http://127.0.0.1:${opts.port}`;
   const exited = new Promise<void>((resolve) => proc.once('exit', () => resolve()));
-  await waitUntil(
-    'gpuvm serve to answer',
-    async () => {
-      if (proc.exitCode !== null || proc.signalCode !== null) throw new Error(`gpuvm serve exited (${proc.exitCode ?? proc.signalCode}):\n${out.slice(-2000)}`);
-      return fetch(`${url}/v1/health`).then((r) => r.ok, () => false);
-    },
-    60_000,
-    100,
-  );
+  try {
+    await waitUntil(
+      'gpuvm serve to answer',
+      async () => {
+        if (proc.exitCode !== null || proc.signalCode !== null) throw new Error(`gpuvm serve exited (${proc.exitCode ?? proc.signalCode}):\n${out.slice(-2000)}`);
+        return fetch(`${url}/v1/health`).then((r) => r.ok, () => false);
+      },
+      60_000,
+      100,
+    );
+  } catch (err) {
+    // One that never answered must not outlive the test (it would hold its port and poll on).
+    if (proc.exitCode === null && proc.signalCode === null) proc.kill('SIGKILL');
+    throw err;
+  }
   return {
     url,
     proc,
