@@ -4,10 +4,11 @@
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { sql } from 'kysely';
-import type { Db } from '../src/store/db.ts';
+import { EFFECTS_CHANNEL, type Db } from '../src/store/db.ts';
 import { ConcurrencyError, readStream } from '../src/store/events.ts';
 import { NOW, StepBatcher, writeSteps, type StepWrite } from '../src/store/step.ts';
 import { openFreshDb, usingPostgres } from './support/db.ts';
+import { waitUntil } from './support/env.ts';
 
 /** A step of a made-up VM stream: event, snapshot, vms row and `effects` new pending effects. */
 function vmStep(vm: string, version: number, state: string, opts: { effects?: number; closes?: StepWrite['closes'] } = {}): StepWrite {
@@ -138,6 +139,22 @@ describe(`step writer (${usingPostgres ? 'postgres' : 'pglite'})`, () => {
     expect((await db.kysely.selectFrom('effects').select('status').where('id', '=', 'vm:m2@2#0').executeTakeFirstOrThrow()).status).toBe('pending');
     const [, received] = await Promise.all([readStream(db.kysely, 'vm:m1'), readStream(db.kysely, 'vm:m2')]);
     expect(received.map((e) => [e.type, e.causationId])).toEqual([['TO_PROVISIONING', null], ['TO_STARTING', 'vm:m1@2#0']]);
+  });
+
+  it('a step that leaves effects pending for another process notifies its host at commit; one with nothing to say does not', async () => {
+    const heard: string[] = [];
+    const unlisten = await db.listen(EFFECTS_CHANNEL, (host) => heard.push(host));
+    try {
+      const quiet = vmStep('n1', 1, 'provisioning', { effects: 1 });
+      await writeSteps(db.kysely, [quiet]);
+      const loud = vmStep('n2', 1, 'provisioning', { effects: 1 });
+      loud.notifyHost = 'h7';
+      await writeSteps(db.kysely, [loud]);
+      await waitUntil('the notification', async () => heard.length > 0, 5000, 10);
+      expect(heard).toEqual(['h7']);
+    } finally {
+      await unlisten();
+    }
   });
 
   it('a unit whose second stream moved fails whole, and the error names that stream', async () => {

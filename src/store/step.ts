@@ -106,9 +106,18 @@ function upsertReadRows(table: keyof typeof READ_TABLES, param: string): RawBuil
 /** The statement's parameters: JSON arrays, one per part. */
 type Parts = Record<'closes' | 'events' | 'streams' | 'vms' | 'partitions' | 'hosts' | 'claims' | 'releases' | 'effects' | 'notify', string>;
 
-const statement = (p: Parts & { channel: string }) => sql`${sql.raw(PREPARED)}
+/** The optional parts: a statement holds only those its steps use (see compiledStatement). */
+const OPTIONAL = ['closes', 'vms', 'partitions', 'hosts', 'claims', 'releases', 'effects', 'notify'] as const;
+type Shape = Record<(typeof OPTIONAL)[number], boolean>;
+
+/** A CTE, or nothing when the statement's steps have none of that part. */
+const part = (present: boolean, cte: RawBuilder<unknown>) => (present ? sql`, ${cte}` : sql``);
+
+const statement = (p: Parts & { channel: string }, has: Shape) => sql`${sql.raw(PREPARED)}
   with
-  closed as (
+  ${
+    has.closes
+      ? sql`closed as (
     update effects e
     set status = c.status, lease_owner = null, lease_until = null, last_error = c.error, note = c.note, completed_at = now()
     from jsonb_to_recordset(${p.closes}::jsonb) as c(effect_id text, worker text, status text, error text, note text, attempt integer)
@@ -116,7 +125,9 @@ const statement = (p: Parts & { channel: string }) => sql`${sql.raw(PREPARED)}
     returning e.id, c.worker, c.attempt, e.claimed_at, c.status, c.error),
   tried as (
     insert into effect_attempts (effect_id, attempt, worker, started_at, finished_at, outcome, error)
-    select id, attempt, worker, claimed_at, now(), case when status = 'done' then 'ok' else 'error' end, error from closed),
+    select id, attempt, worker, claimed_at, now(), case when status = 'done' then 'ok' else 'error' end, error from closed),`
+      : sql``
+  }
   ev as (
     insert into events (stream_id, stream_version, type, data, state_before, state_after, machine, machine_version,
                         causation_id, correlation_id, actor, recorded_at)
@@ -124,27 +135,35 @@ const statement = (p: Parts & { channel: string }) => sql`${sql.raw(PREPARED)}
            e.causation_id, e.correlation_id, e.actor, now()
     from jsonb_to_recordset(${p.events}::jsonb) as e(stream_id text, stream_version integer, type text, data jsonb, state_before jsonb,
            state_after jsonb, machine text, machine_version integer, causation_id text, correlation_id text, actor text, closes text)
-    where e.closes is null or e.closes in (select id from closed)
+    ${has.closes ? sql`where e.closes is null or e.closes in (select id from closed)` : sql``}
     returning stream_id, position, recorded_at),
   snap as (
     insert into streams (stream_id, machine, machine_version, version, state, context, created_at, updated_at)
     select s.stream_id, s.machine, s.machine_version, s.version, s.state, s.context, coalesce(s.created_at, now()), now()
     from jsonb_populate_recordset(null::streams, ${p.streams}::jsonb) as s join ev using (stream_id)
     on conflict (stream_id) do update set machine_version = excluded.machine_version, version = excluded.version,
-      state = excluded.state, context = excluded.context, updated_at = excluded.updated_at),
-  ${upsertReadRows('vms', p.vms)},
-  ${upsertReadRows('partitions', p.partitions)},
-  ${upsertReadRows('hosts', p.hosts)},
-  claims_taken as (
+      state = excluded.state, context = excluded.context, updated_at = excluded.updated_at)
+  ${part(has.vms, upsertReadRows('vms', p.vms))}
+  ${part(has.partitions, upsertReadRows('partitions', p.partitions))}
+  ${part(has.hosts, upsertReadRows('hosts', p.hosts))}
+  ${part(
+    has.claims,
+    sql`claims_taken as (
     insert into gpu_claims (host_id, module_id, partition_id, vm_id)
     select r.host_id, r.module_id, r.partition_id, r.vm_id
     from jsonb_array_elements(${p.claims}::jsonb) as j join ev on ev.stream_id = j->>'stream_id',
-         jsonb_populate_record(null::gpu_claims, j->'row') as r),
-  claims_released as (
+         jsonb_populate_record(null::gpu_claims, j->'row') as r)`,
+  )}
+  ${part(
+    has.releases,
+    sql`claims_released as (
     delete from gpu_claims g
     using jsonb_to_recordset(${p.releases}::jsonb) as x(stream_id text, host_id text, partition_id integer) join ev using (stream_id)
-    where g.host_id = x.host_id and g.partition_id = x.partition_id),
-  fx as (
+    where g.host_id = x.host_id and g.partition_id = x.partition_id)`,
+  )}
+  ${part(
+    has.effects,
+    sql`fx as (
     insert into effects (id, stream_id, host_id, type, params, correlation_id, status, due_at, attempts, max_attempts,
                          lease_owner, lease_until, claimed_at, completed_at, note, created_at)
     select f.id, f.stream_id, f.host_id, f.type, f.params, f.correlation_id,
@@ -165,27 +184,35 @@ const statement = (p: Parts & { channel: string }) => sql`${sql.raw(PREPARED)}
     insert into effect_attempts (effect_id, attempt, worker, started_at, finished_at, outcome, error)
     select f.id, 1, f.delivered_by, now(), now(), 'ok', null
     from jsonb_to_recordset(${p.effects}::jsonb) as f(id text, delivered_by text) join fx using (id)
-    where f.delivered_by is not null),
-  -- Delivered at commit: wakes the hosts' workers without a polling delay.
-  notified as (
+    where f.delivered_by is not null)`,
+  )}
+  ${part(
+    has.notify,
+    // Delivered at commit: wakes the hosts' workers without a polling delay.
+    sql`notified as (
     select pg_notify(${p.channel}, n.host)
-    from (select distinct n.host from jsonb_to_recordset(${p.notify}::jsonb) as n(stream_id text, host text) join ev using (stream_id)) as n)
-  select ev.stream_id, ev.position::text as position, ev.recorded_at as now, (select count(*) from notified) as notified from ev`;
+    from (select distinct n.host from jsonb_to_recordset(${p.notify}::jsonb) as n(stream_id text, host text) join ev using (stream_id)) as n)`,
+  )}
+  select ev.stream_id, ev.position::text as position, ev.recorded_at as now${has.notify ? sql`, (select count(*) from notified) as notified` : sql``} from ev`;
 
 /**
- * Compiled once, on first use: the text never changes, so only the parameters are made per call
- * (Kysely would otherwise build and compile the same query for every step). Each parameter is
- * compiled as its own name, looked up when the statement runs.
+ * Compiled once per shape, on first use: a shape is which optional parts a statement holds, and
+ * only those are in its text, so Postgres does not set up, lock and run parts a step does not use
+ * (a step that closes no effect and claims no GPU, say). The engine's steps come in a few dozen
+ * shapes; each text is prepared once per connection. Each parameter is compiled as its own name,
+ * looked up when the statement runs.
  */
-let compiled: { sql: string; order: (keyof Parts | 'channel')[] } | null = null;
+const compiled = new Map<string, { sql: string; order: (keyof Parts | 'channel')[] }>();
 
-function compiledStatement(db: Executor): { sql: string; order: (keyof Parts | 'channel')[] } {
-  if (!compiled) {
+function compiledStatement(db: Executor, has: Shape): { sql: string; order: (keyof Parts | 'channel')[] } {
+  const key = OPTIONAL.map((k) => (has[k] ? '1' : '0')).join('');
+  let c = compiled.get(key);
+  if (!c) {
     const names = ['closes', 'events', 'streams', 'vms', 'partitions', 'hosts', 'claims', 'releases', 'effects', 'notify', 'channel'] as const;
-    const query = statement(Object.fromEntries(names.map((n) => [n, n])) as Parts & { channel: string }).compile(db);
-    compiled = { sql: query.sql, order: query.parameters as (keyof Parts | 'channel')[] };
+    const query = statement(Object.fromEntries(names.map((n) => [n, n])) as Parts & { channel: string }, has).compile(db);
+    compiled.set(key, (c = { sql: query.sql, order: query.parameters as (keyof Parts | 'channel')[] }));
   }
-  return compiled;
+  return c;
 }
 
 /**
@@ -227,7 +254,8 @@ export async function writeSteps(db: Executor, writes: StepWrite[]): Promise<(St
     notify: JSON.stringify(writes.flatMap((w) => (w.notifyHost ? [{ stream_id: w.streamId, host: w.notifyHost }] : []))),
   };
   try {
-    const { sql: text, order } = compiledStatement(db);
+    const has = Object.fromEntries(OPTIONAL.map((k) => [k, parts[k] !== '[]'])) as Shape;
+    const { sql: text, order } = compiledStatement(db, has);
     const { rows: written } = await db.executeQuery<{ stream_id: string; position: string; now: Date }>(CompiledQuery.raw(text, order.map((name) => parts[name])));
     const byStream = new Map(written.map((r) => [r.stream_id, { position: r.position, now: new Date(r.now) }]));
     return writes.map((w) => byStream.get(w.streamId) ?? null);
