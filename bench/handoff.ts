@@ -20,7 +20,7 @@
  *            the inserting transaction, i.e. its start): an upper bound that also counts the rest
  *            of the inserting transaction; kept as a cross-check needing no client clock.
  *
- *   node --import tsx bench/handoff.ts [--handoff-concurrency=16] [--handoff-lifecycles=160]
+ *   node --import tsx bench/handoff.ts [--handoff-concurrency=16] [--handoff-lifecycles=800]
  */
 import { sql } from 'kysely';
 import { measureGpuvm, printGaps } from './lifecycle.ts';
@@ -154,7 +154,8 @@ async function main(): Promise<void> {
   await dropStaleDatabases();
   // Own option names: bench/run.ts passes every flag to every figure (--concurrency is a list in lifecycle.ts).
   const concurrency = option('handoff-concurrency', 16);
-  const r = await measureHandoff({ concurrency, lifecycles: option('handoff-lifecycles', 10 * concurrency) });
+  // Long enough for steady state: a short run measures start-up (JIT, first prepares) as much as hand-offs.
+  const r = await measureHandoff({ concurrency, lifecycles: option('handoff-lifecycles', Math.max(100, 50 * concurrency)) });
   printHandoff(r);
   printGaps(r.measurement);
 }

@@ -396,10 +396,12 @@ export class RoundTripRecorder {
     return (rows, changed) => {
       const done = wallNow();
       // A write that changed nothing (a claim that found no due effect) gets no transaction id and
-      // flushes nothing at commit; a notify always does work at commit.
+      // flushes nothing at commit; a notify always does work at commit. A statement whose rows come
+      // from a data-modifying CTE (a step) wrote them, whatever count the driver reports for its
+      // final SELECT (PGlite reports 0 affected rows).
       // A claim always answers one row (the next due time); it took something only if a row has an id.
       const took = kind === 'claim' && rows !== null && (rows as { id?: unknown }[]).some((r) => typeof r.id === 'string');
-      const wrote = WRITES.has(kind) && rows !== null && (kind === 'claim' ? took : kind === 'notify' || (changed ?? rows.length) > 0);
+      const wrote = WRITES.has(kind) && rows !== null && (kind === 'claim' ? took : kind === 'notify' || Math.max(changed ?? 0, rows.length) > 0);
       const open = this.tx.get(conn);
       if (open && wrote) open.wrote = true;
       const c = this.counts;

@@ -16,9 +16,9 @@
  * steps per workflow as a gpuvm lifecycle runs effects, and pgbench's one-row INSERT
  * (bench/pgbench.ts) — the commit floor.
  *
- *   node --import tsx bench/lifecycle.ts [--concurrency=1,16] [--lifecycles-1=30] [--lifecycles-16=160]
+ *   node --import tsx bench/lifecycle.ts [--concurrency=1,16] [--lifecycles-1=500] [--lifecycles-16=1600]
  *        [--pglite-concurrency=1,8] [--monitor-variant-ms=0] [--pgbench-seconds=10] [--skip=dbos,pgbench,pglite]
- *        [--dbos-workflows-1=60] [--dbos-workflows-16=320]
+ *        [--dbos-workflows-1=500] [--dbos-workflows-16=1600]
  *   node --import tsx bench/lifecycle.ts --profile-summary=FILE.cpuprofile   (after node --cpu-prof …)
  *
  * Waiting: the API is asynchronous (create and delete return at once), so the bench waits as an
@@ -170,7 +170,8 @@ async function main(): Promise<void> {
   if (profile) return printProfileSummary(profile);
   const skip = new Set(option('skip', '').split(',').filter(Boolean));
   const concurrency = listOption('concurrency', [1, 16]);
-  const lifecycles = (c: number) => option(`lifecycles-${c}`, c === 1 ? 30 : 10 * c);
+  // Long enough to reach steady state (JIT-compiled code, warm caches) on both sides: short runs measure start-up.
+  const lifecycles = (c: number) => option(`lifecycles-${c}`, c === 1 ? 500 : 100 * c);
   const monitorVariant = option('monitor-variant-ms', 0);
   const stale = await dropStaleDatabases();
   if (stale.length) console.log(`dropped databases left by killed bench runs: ${stale.join(', ')}`);
@@ -201,7 +202,7 @@ async function main(): Promise<void> {
     dbos = await runDbos({
       steps: effectsPerLifecycle,
       stepNames: names,
-      runs: concurrency.map((c) => ({ concurrency: c, total: option(`dbos-workflows-${c}`, c === 1 ? 60 : 20 * c) })),
+      runs: concurrency.map((c) => ({ concurrency: c, total: option(`dbos-workflows-${c}`, c === 1 ? 500 : 100 * c) })),
       poolSize: 10 * Math.ceil(Math.max(...concurrency) / 8),
     });
     printTable(`DBOS Transact ${DBOS_VERSION}: one workflow of ${effectsPerLifecycle} no-op steps, same server (pool ${dbos.poolSize}; server xact_commit over the launch: ${dbos.xactCommit})`, dbosRows(dbos));
@@ -217,11 +218,11 @@ async function main(): Promise<void> {
   if (!skip.has('pglite')) {
     // Embedded: one service, one host — 8 one-GPU lifecycles at most at once.
     for (const c of listOption('pglite-concurrency', [1, 8])) {
-      pglite.push({ c, ...(await measureGpuvm({ kind: 'pglite', concurrency: c, lifecycles: option(`pglite-lifecycles-${c}`, c === 1 ? 20 : 6 * c) })) });
+      pglite.push({ c, ...(await measureGpuvm({ kind: 'pglite', concurrency: c, lifecycles: option(`pglite-lifecycles-${c}`, c === 1 ? 200 : 50 * c) })) });
     }
     const samePg: (GpuvmMeasurement & { c: number })[] = [];
     for (const p of pglite) {
-      const onPg = pg.find((m) => m.c === p.c) ?? { c: p.c, ...(await measureGpuvm({ kind: 'postgres', concurrency: p.c, lifecycles: option(`pglite-lifecycles-${p.c}`, p.c === 1 ? 20 : 6 * p.c) })) };
+      const onPg = pg.find((m) => m.c === p.c) ?? { c: p.c, ...(await measureGpuvm({ kind: 'postgres', concurrency: p.c, lifecycles: option(`pglite-lifecycles-${p.c}`, p.c === 1 ? 200 : 50 * p.c) })) };
       samePg.push(onPg);
     }
     printTable('figure 6: gpuvm on embedded PGlite (one service, one host) and on Postgres at the same concurrency', gpuvmRows([...pglite, ...samePg.filter((m) => !pg.includes(m))]));
