@@ -9,6 +9,7 @@ import { badRequest, conflict, notFound } from '../errors.ts';
 import { isUniqueViolation, readCorrelated, type Executor, type StoredEvent } from '../store/events.ts';
 import { readEffectsWithTries } from '../store/effects.ts';
 import { isClaimConflict, vmRow, type StreamSnapshot, type VmRow } from '../store/projections.ts';
+import { PREPARED } from '../store/db.ts';
 import type { Database } from '../store/schema.ts';
 import { applyEvent, commitSteps, prepareStep, retrying, type EffectPolicy, type LocalWorker } from './commands.ts';
 import { choosePartition, GPU_COUNTS } from './placement.ts';
@@ -63,7 +64,7 @@ export class VmService {
         // together is guarded by the partition's stream version and the claims' primary key.
         const written = await retrying(async () => {
           // One read: the host's partitions, its claimed GPUs and its quarantined ones.
-          const { rows: partitions } = await sql<{ partition_id: number; modules: number[]; state: string; claimed: number[]; quarantined: Record<string, unknown> | null }>`
+          const { rows: partitions } = await sql<{ partition_id: number; modules: number[]; state: string; claimed: number[]; quarantined: Record<string, unknown> | null }>`${sql.raw(PREPARED)}
             select p.partition_id, p.modules, p.state,
                    (select coalesce(json_agg(c.module_id), '[]') from gpu_claims c where c.host_id = ${this.hostId}) as claimed,
                    (select h.quarantined_modules from hosts h where h.id = ${this.hostId}) as quarantined
