@@ -2,7 +2,9 @@
  * Applying an event to a stream: take the stream's snapshot, decide, then write the event, the
  * snapshot and read rows, and the effects it asked for as one statement (store/step.ts) — on its
  * own or in the caller's transaction — so an event and its effects commit together or not at all
- * (the outbox).
+ * (the outbox). On its own, the statement also carries the delivery of the messages the step
+ * sends (withMessages). prepareStep and commitSteps are the two halves, for a caller that writes
+ * several decided steps as one unit (a VM's create: its partition's CLAIM and its CREATE).
  */
 import { sql, type Kysely } from 'kysely';
 import { machines, MESSAGE_EFFECTS, streamKind } from '../../machines/index.ts';
@@ -166,6 +168,11 @@ export interface ApplyOptions {
   batcher?: StepBatcher;
 }
 
+/**
+ * Decides `event` on the stream and writes it (see the top of this file). The snapshot comes from
+ * `opts.snapshot`, else this process's cache, else the store; a refusal is always confirmed on the
+ * stored state.
+ */
 export async function applyEvent(
   tx: Executor,
   streamId: string,

@@ -1,13 +1,15 @@
 /**
  * Steps of streams, written as ONE statement: for each step its event, the stream's snapshot, its
  * read row and GPU claims, the effects the event asks for and — for a worker recording an outcome —
- * the effect it closes with that try. The statement's text never changes (every part is a JSON
- * parameter), so Postgres prepares it once per connection; it carries any number of steps of
- * different streams, which is how several lifecycles share one round trip and one commit (see
- * StepBatcher). On its own it is one commit; inside a caller's transaction, one round trip of it.
+ * the effect it closes with that try. Every part is a JSON parameter, so the text depends only on
+ * which parts the steps have (its shape), and Postgres prepares each shape once per connection; it
+ * carries any number of steps of different streams, which is how several lifecycles share one round
+ * trip and one commit (see StepBatcher). On its own it is one commit; inside a caller's
+ * transaction, one round trip of it.
  *
  * Everything of a step hangs off its event's insert, and, when it closes an effect, the event's
- * insert hangs off the close: a worker that lost its lease writes nothing of that step. The guards
+ * insert hangs off the close (a step delivering another step's message, off that step's close:
+ * `closesWith`): a worker that lost its lease writes nothing of that step. The guards
  * are the log's unique keys, as for appendEvents: a stream moved by another writer fails the
  * statement with ConcurrencyError, a re-delivered outcome with DuplicateCausationError, a GPU
  * claimed twice with gpu_claims' primary key.
