@@ -3,10 +3,15 @@ import { hostMachine, HOST_MACHINE_VERSION } from './host.ts';
 import { partitionMachine, PARTITION_MACHINE_VERSION, vmNoticeEvent, type NotifyVmParams } from './partition.ts';
 import { vmMachine, VM_MACHINE_VERSION } from './vm.ts';
 
+/**
+ * `timers`: the machine sets durable timers (effects with a `delayMs` param). A timer lives as long
+ * as the state that set it, as XState's `after` does: the step that leaves the state cancels the
+ * stream's timers still pending (src/engine/commands.ts).
+ */
 export const machines = {
-  vm: { machine: vmMachine, version: VM_MACHINE_VERSION },
-  partition: { machine: partitionMachine, version: PARTITION_MACHINE_VERSION },
-  host: { machine: hostMachine, version: HOST_MACHINE_VERSION },
+  vm: { machine: vmMachine, version: VM_MACHINE_VERSION, timers: true },
+  partition: { machine: partitionMachine, version: PARTITION_MACHINE_VERSION, timers: false },
+  host: { machine: hostMachine, version: HOST_MACHINE_VERSION, timers: false },
 } as const;
 
 export type StreamKind = keyof typeof machines;

@@ -24,6 +24,7 @@ function vmStep(vm: string, version: number, state: string, opts: { effects?: nu
     notifyHost: null,
     closes: opts.closes ?? null,
     closesWith: null,
+    cancelTimers: null,
   };
 }
 
@@ -155,6 +156,33 @@ describe(`step writer (${usingPostgres ? 'postgres' : 'pglite'})`, () => {
     } finally {
       await unlisten();
     }
+  });
+
+  it("a step that leaves its state cancels the stream's pending timers, and nothing else", async () => {
+    const first = vmStep('k1', 1, 'stopping', { effects: 3 });
+    first.effects[0]!.params = { delayMs: 60_000 }; // a timer, pending
+    first.effects[0]!.delayMs = 60_000;
+    first.effects[1]!.params = { delayMs: 60_000 }; // a timer, running below
+    first.effects[1]!.delayMs = 60_000;
+    first.effects[2]!.delayMs = 60_000; // not a timer: an effect waiting to retry, say
+    const other = vmStep('k2', 1, 'stopping', { effects: 1 });
+    other.effects[0]!.params = { delayMs: 60_000 };
+    other.effects[0]!.delayMs = 60_000;
+    await writeSteps(db.kysely, [first, other]);
+    await sql`update effects set status = 'running', lease_owner = 'w1', attempts = 1, claimed_at = now() where id = 'vm:k1@1#1'`.execute(db.kysely);
+
+    const leave = vmStep('k1', 2, 'releasing');
+    leave.cancelTimers = 'cancelled: vm left stopping (QEMU_EXITED) before it fell due';
+    await writeSteps(db.kysely, [leave]);
+    const rows = await db.kysely.selectFrom('effects').select(['id', 'status', 'note']).where('id', 'in', ['vm:k1@1#0', 'vm:k1@1#1', 'vm:k1@1#2', 'vm:k2@1#0']).orderBy('id').execute();
+    expect(rows).toEqual([
+      { id: 'vm:k1@1#0', status: 'cancelled', note: 'cancelled: vm left stopping (QEMU_EXITED) before it fell due' },
+      { id: 'vm:k1@1#1', status: 'running', note: null },
+      { id: 'vm:k1@1#2', status: 'pending', note: null },
+      { id: 'vm:k2@1#0', status: 'pending', note: null },
+    ]);
+    const tries = await db.kysely.selectFrom('effect_attempts').select('effect_id').where('effect_id', '=', 'vm:k1@1#0').execute();
+    expect(tries).toEqual([]);
   });
 
   it('a unit whose second stream moved fails whole, and the error names that stream', async () => {

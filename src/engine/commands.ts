@@ -266,6 +266,11 @@ export async function prepareStep(
     notifyHost: null,
     closes: opts.closes ?? null,
     closesWith: null,
+    // A durable timer lives as long as the state that set it (XState's `after`): leaving it cancels the timer.
+    cancelTimers:
+      machines[kind].timers && decision.stateBefore !== null && decision.stateBefore !== decision.stateAfter
+        ? `cancelled: ${kind} left ${decision.stateBefore} (${type}) before it fell due`
+        : null,
   };
   return { kind: 'prepared', prior: snapshot, next, write };
 }

@@ -32,7 +32,8 @@ export interface StreamsTable {
   updated_at: Timestamp;
 }
 
-export type EffectStatus = 'pending' | 'running' | 'done' | 'failed';
+/** `cancelled`: a durable timer whose state was left before it fell due (it never ran). */
+export type EffectStatus = 'pending' | 'running' | 'done' | 'failed' | 'cancelled';
 
 export interface EffectsTable {
   id: string;

@@ -1,7 +1,7 @@
 /**
  * Steps of streams, written as ONE statement: for each step its event, the stream's snapshot, its
- * read row and GPU claims, the effects the event asks for and — for a worker recording an outcome —
- * the effect it closes with that try. Every part is a JSON parameter, so the text depends only on
+ * read row and GPU claims, the effects the event asks for, the stream's durable timers it cancels
+ * and — for a worker recording an outcome — the effect it closes with that try. Every part is a JSON parameter, so the text depends only on
  * which parts the steps have (its shape), and Postgres prepares each shape once per connection; it
  * carries any number of steps of different streams, which is how several lifecycles share one round
  * trip and one commit (see StepBatcher). On its own it is one commit; inside a caller's
@@ -72,6 +72,11 @@ export interface StepWrite {
    * step closes, so that a lost lease writes neither of them.
    */
   closesWith: string | null;
+  /**
+   * The stream left the state its pending durable timers were set in: they are cancelled, with
+   * this note (null: none to cancel).
+   */
+  cancelTimers: string | null;
 }
 
 export interface StepWritten {
@@ -106,10 +111,10 @@ function upsertReadRows(table: keyof typeof READ_TABLES, param: string): RawBuil
 }
 
 /** The statement's parameters: JSON arrays, one per part. */
-type Parts = Record<'closes' | 'events' | 'streams' | 'vms' | 'partitions' | 'hosts' | 'claims' | 'releases' | 'effects' | 'notify', string>;
+type Parts = Record<'closes' | 'events' | 'streams' | 'vms' | 'partitions' | 'hosts' | 'claims' | 'releases' | 'effects' | 'cancels' | 'notify', string>;
 
 /** The optional parts: a statement holds only those its steps use (see compiledStatement). */
-const OPTIONAL = ['closes', 'vms', 'partitions', 'hosts', 'claims', 'releases', 'effects', 'notify'] as const;
+const OPTIONAL = ['closes', 'vms', 'partitions', 'hosts', 'claims', 'releases', 'effects', 'cancels', 'notify'] as const;
 type Shape = Record<(typeof OPTIONAL)[number], boolean>;
 
 /** A CTE, or nothing when the statement's steps have none of that part. */
@@ -189,6 +194,15 @@ const statement = (p: Parts & { channel: string }, has: Shape) => sql`${sql.raw(
     where f.delivered_by is not null)`,
   )}
   ${part(
+    has.cancels,
+    // Only timers (a delayMs param) still pending: not one running, nor an effect waiting to retry.
+    sql`cancelled as (
+    update effects e
+    set status = 'cancelled', completed_at = now(), note = x.note
+    from jsonb_to_recordset(${p.cancels}::jsonb) as x(stream_id text, note text) join ev using (stream_id)
+    where e.stream_id = x.stream_id and e.status = 'pending' and jsonb_typeof(e.params->'delayMs') = 'number')`,
+  )}
+  ${part(
     has.notify,
     // Delivered at commit: wakes the hosts' workers without a polling delay.
     sql`notified as (
@@ -210,7 +224,7 @@ function compiledStatement(db: Executor, has: Shape): { sql: string; order: (key
   const key = OPTIONAL.map((k) => (has[k] ? '1' : '0')).join('');
   let c = compiled.get(key);
   if (!c) {
-    const names = ['closes', 'events', 'streams', 'vms', 'partitions', 'hosts', 'claims', 'releases', 'effects', 'notify', 'channel'] as const;
+    const names = ['closes', 'events', 'streams', 'vms', 'partitions', 'hosts', 'claims', 'releases', 'effects', 'cancels', 'notify', 'channel'] as const;
     const query = statement(Object.fromEntries(names.map((n) => [n, n])) as Parts & { channel: string }, has).compile(db);
     compiled.set(key, (c = { sql: query.sql, order: query.parameters as (keyof Parts | 'channel')[] }));
   }
@@ -253,6 +267,7 @@ export async function writeSteps(db: Executor, writes: StepWrite[]): Promise<(St
         w.effects.map((f) => ({ stream_id: w.streamId, id: f.id, host_id: f.hostId, type: f.type, params: f.params, correlation_id: w.event.correlationId, delay_ms: f.delayMs, max_attempts: f.maxAttempts, leased_to: f.leasedTo, lease_ms: w.leaseMs, delivered_by: f.deliveredBy, note: f.note })),
       ),
     ),
+    cancels: JSON.stringify(writes.flatMap((w) => (w.cancelTimers ? [{ stream_id: w.streamId, note: w.cancelTimers }] : []))),
     notify: JSON.stringify(writes.flatMap((w) => (w.notifyHost ? [{ stream_id: w.streamId, host: w.notifyHost }] : []))),
   };
   try {
