@@ -1,11 +1,11 @@
 /**
  * The lifecycle of one GPU VM, as an operator's runbook.
  *
- *   new ──CREATE──▶ provisioning           the partition was claimed in the same transaction; wait for it
+ *   new ──CREATE──▶ provisioning           the partition was claimed in the same statement; wait for it
  *   provisioning ──PARTITION_READY──▶ starting [startQemu]
  *   starting ──QEMU_STARTED──▶ running
  *   running ──DELETE──▶ stopping            [powerdownQemu, powerdownTimer]   ACPI power button, then wait
- *   stopping ──QEMU_EXITED──▶ releasing     [releasePartition]
+ *   stopping ──QEMU_EXITED──▶ releasing     [releasePartition]   the powerdown timer ends with `stopping`: cancelled
  *            ──POWERDOWN_TIMEOUT──▶ terminating [terminateQemu]   quit → SIGTERM → SIGKILL
  *   terminating ──QEMU_EXITED──▶ releasing  [releasePartition]
  *   releasing ──PARTITION_RELEASED──▶ deleted | crashed | failed
