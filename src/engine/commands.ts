@@ -315,7 +315,7 @@ async function withMessages(tx: Executor, first: PreparedStep, policy: EffectPol
  * due now on the `claimFor` worker's host are handed to it; the rest are left pending (and the
  * host's other processes told by NOTIFY, unless the local worker is told through pendingDueAt).
  */
-export async function commitSteps(tx: Executor, steps: PreparedStep[], opts: Pick<ApplyOptions, 'snapshots' | 'claimFor' | 'batcher' | 'closes'> = {}): Promise<Extract<ApplyResult, { kind: 'changed' }>[]> {
+export async function commitSteps(tx: Executor, steps: PreparedStep[], opts: Pick<ApplyOptions, 'snapshots' | 'claimFor' | 'batcher'> = {}): Promise<Extract<ApplyResult, { kind: 'changed' }>[]> {
   const claimFor = opts.claimFor;
   let handed = 0;
   const pendingOf = new Map<PreparedStep, { pending: NewEffect[]; mine: boolean }>();
@@ -344,8 +344,9 @@ export async function commitSteps(tx: Executor, steps: PreparedStep[], opts: Pic
     for (const w of writes) opts.snapshots?.forget(w.streamId);
     throw err;
   }
-  // Every step of the unit hangs off the same close: a lost lease writes none of them.
-  if (written.some((w) => w === null)) throw new LostLeaseError(opts.closes?.effectId ?? writes[0]!.closes?.effectId ?? 'unknown');
+  // Only a step that closes an effect can come back unwritten, and every step of the unit hangs off
+  // the first one's close: a lost lease writes none of them.
+  if (written.some((w) => w === null)) throw new LostLeaseError(writes[0]!.closes!.effectId);
 
   return steps.map((step, i) => {
     const { now, position } = written[i]!;

@@ -26,7 +26,6 @@ export async function freshDatabaseUrl(): Promise<{ url: string | undefined; dro
   };
 }
 
-
 /** A migrated database of the test file's own (see freshDatabaseUrl); `close` closes and drops it. */
 export async function openFreshDb(): Promise<{ db: Db; close: () => Promise<void> }> {
   const fresh = await freshDatabaseUrl();
