@@ -11,9 +11,11 @@
  * QEMU "exits" the moment it gets system_powerdown, as a guest that honours the power button at
  * once would; nothing else ends it except terminate().
  */
+import { mkdtempSync } from 'node:fs';
 import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
+import { HostFence } from '../src/host/fence.ts';
 import { Fmpm, FmpmError, FM_RETURN, type FmpmPartitionTable } from '../src/host/fmpm.ts';
 import type { HostAdapters } from '../src/host/host.ts';
 import { NvidiaSmi, type NvidiaSmiReport } from '../src/host/nvidia-smi.ts';
@@ -326,6 +328,8 @@ export async function createMemoryHost(hostId: string): Promise<MemoryHost> {
     // Nothing is read from here: the health monitor finds no kernel log and skips Xid lines.
     fsRoot: join(tmpdir(), 'gpuvm-bench-memory-host-has-no-files'),
     fabricManagerBin: 'nv-fabricmanager',
+    // A real fence folder: the engine's host-side fencing costs what it costs on a host.
+    fence: new HostFence(mkdtempSync(join(tmpdir(), `gpuvm-bench-fence-${hostId}-`))),
     vmDefaults: { imageDriverVersion: board.smi.driverVersion ?? undefined },
   };
   return { adapters, activePartitions: fmpm.active, drivers: sysfs.drivers, qemuProcesses: qemu.processes, calls };

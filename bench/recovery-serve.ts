@@ -28,6 +28,7 @@ import { loadConfig } from '../src/config.ts';
 import { createHandlers } from '../src/engine/handlers.ts';
 import { registerHost } from '../src/engine/hosts.ts';
 import { EffectWorker } from '../src/engine/worker.ts';
+import { HostAgent } from '../src/engine/agent.ts';
 import type { HostAdapters } from '../src/host/host.ts';
 import type { QemuVmSpec } from '../src/host/qemu.ts';
 import { retryPolicy } from '../src/service.ts';
@@ -138,10 +139,13 @@ async function main(): Promise<void> {
   const adapters = hostIds.map((hostId, i) => persistent(memories[i]!, join(stateDir, `${hostId}.json`)));
   // On a restart this only finds each host registered (one read per host); all hosts at once.
   await Promise.all(adapters.map((host) => registerHost(db.kysely, host, policy, log)));
-  for (const host of adapters) {
+  const agents = await Promise.all(adapters.map((host) => HostAgent.start(db, host.hostId, { command: 'bench', heartbeatMs: 5000, log })));
+  for (const [i, host] of adapters.entries()) {
     workers.push(
       new EffectWorker(listenerFor(host.hostId), {
         hostId: host.hostId,
+        agent: agents[i]!,
+        notYetMs: config.notYetMs,
         handlers: createHandlers(host),
         policy,
         leaseMs: config.leaseMs,
@@ -156,6 +160,7 @@ async function main(): Promise<void> {
 
   const stop = async () => {
     await Promise.all(workers.map((w) => w.stop()));
+    await Promise.all(agents.map((a) => a.stop()));
     await db.close();
     process.exit(0);
   };

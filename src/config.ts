@@ -16,6 +16,8 @@
  * | backoffBaseMs         | GPUVM_BACKOFF_BASE_MS       | 200                              |
  * | backoffMaxMs          | GPUVM_BACKOFF_MAX_MS        | 10000                            |
  * | leaseMs               | GPUVM_LEASE_MS              | 30000                            |
+ * | notYetMs              | GPUVM_NOT_YET_MS            | 120000 ("not yet" answers wait this long before they count as failed tries; Fabric Manager's restart window is 60 s) |
+ * | agentHeartbeatMs      | GPUVM_AGENT_HEARTBEAT_MS    | 5000 (the agent lock's connection is checked this often) |
  * | pollMs                | GPUVM_POLL_MS               | 1000                             |
  * | workerConcurrency     | GPUVM_WORKER_CONCURRENCY    | 16                               |
  * | monitorIntervalMs     | GPUVM_MONITOR_INTERVAL_MS   | 500                              |
@@ -44,6 +46,8 @@ export interface Config {
   backoffBaseMs: number;
   backoffMaxMs: number;
   leaseMs: number;
+  notYetMs: number;
+  agentHeartbeatMs: number;
   pollMs: number;
   workerConcurrency: number;
   monitorIntervalMs: number;
@@ -74,6 +78,8 @@ const schema = z.object({
   backoffBaseMs: int(1, 600_000),
   backoffMaxMs: int(1, 3_600_000),
   leaseMs: int(100, 3_600_000),
+  notYetMs: int(0, 86_400_000),
+  agentHeartbeatMs: int(10, 600_000),
   pollMs: int(10, 600_000),
   workerConcurrency: int(1, 1024),
   monitorIntervalMs: int(10, 600_000),
@@ -104,6 +110,8 @@ export function loadConfig(overrides: Partial<Record<keyof Config, unknown>> = {
     backoffBaseMs: env.GPUVM_BACKOFF_BASE_MS ?? 200,
     backoffMaxMs: env.GPUVM_BACKOFF_MAX_MS ?? 10_000,
     leaseMs: env.GPUVM_LEASE_MS ?? 30_000,
+    notYetMs: env.GPUVM_NOT_YET_MS ?? 120_000,
+    agentHeartbeatMs: env.GPUVM_AGENT_HEARTBEAT_MS ?? 5000,
     pollMs: env.GPUVM_POLL_MS ?? 1000,
     workerConcurrency: env.GPUVM_WORKER_CONCURRENCY ?? 16,
     monitorIntervalMs: env.GPUVM_MONITOR_INTERVAL_MS ?? 500,

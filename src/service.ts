@@ -20,6 +20,8 @@ import { openSimulatedHost, type HostAdapters } from './host/host.ts';
 import { openRealHost, type HostConfig } from './host/host-config.ts';
 import { createLogger, type Logger } from './log.ts';
 import { migrate, openDb, type Db } from './store/db.ts';
+import { lockDataDir } from './store/data-dir.ts';
+import { HostAgent } from './engine/agent.ts';
 
 export interface Service {
   config: Config;
@@ -31,7 +33,15 @@ export interface Service {
   health: HealthMonitor;
   fabricManager: FabricManagerGuard;
   reconciler: Reconciler;
+  /** This host's agent: its lock and epoch (src/engine/agent.ts). */
+  agent: HostAgent;
   api: FastifyInstance;
+  /**
+   * Resolves once the first reconciliation pass has judged the host against the log. Until then
+   * `/v1/health` says `starting` and creates are answered 503: a partition Fabric Manager shows
+   * active that the log does not own must be taken up before anything is placed.
+   */
+  ready: Promise<void>;
   /** The API's base URL, e.g. http://127.0.0.1:7070 */
   url: string;
   log: Logger;
@@ -52,11 +62,21 @@ export interface StartOptions {
   hostConfig?: HostConfig;
   /** Adapters built by the caller (tests). */
   host?: HostAdapters;
+  /** Resolve only once the service is ready (see Service.ready); default true. `gpuvm serve` serves while it starts. */
+  waitReady?: boolean;
 }
 
 export async function startService(config: Config, opts: StartOptions = {}): Promise<Service> {
   const log = opts.log ?? createLogger(config.logLevel);
-  const db = await openDb({ databaseUrl: config.databaseUrl, pgliteDir: join(config.dataDir, 'pglite') });
+  // One gpuvm per data folder: a second one stops here, before it writes anything.
+  const folder = lockDataDir(config.dataDir, 'serve');
+  let db: Db;
+  try {
+    db = await openDb({ databaseUrl: config.databaseUrl, pgliteDir: join(config.dataDir, 'pglite') });
+  } catch (err) {
+    folder.release();
+    throw err;
+  }
   // What a failed start must stop again, newest first; each is pushed before it starts, so one
   // that throws halfway through its start is stopped too.
   const started: (() => Promise<unknown>)[] = [];
@@ -75,6 +95,9 @@ export async function startService(config: Config, opts: StartOptions = {}): Pro
     log.info({ hostId: host.hostId, qemu: host.qemuDescription }, 'host adapters ready');
 
     const policy: EffectPolicy & RetryPolicy = retryPolicy(config);
+    // One agent per host, before anything on the host or its streams is touched.
+    const agent = await HostAgent.start(db, host.hostId, { command: 'serve', heartbeatMs: config.agentHeartbeatMs, log });
+    started.push(() => agent.stop());
     await registerHost(db.kysely, host, policy, log, { expectedGpus: hostConfig?.expectedGpus });
 
     // VM sizes and the powerdown timeout: the host config file, else the service options.
@@ -86,6 +109,8 @@ export async function startService(config: Config, opts: StartOptions = {}): Pro
     const fabricManager = new FabricManagerGuard(db.kysely, host, policy, { intervalMs: config.fabricManagerCheckMs, log });
     const worker = new EffectWorker(db, {
       hostId: host.hostId,
+      agent,
+      notYetMs: config.notYetMs,
       handlers: createHandlers(host, { fabricManagerWaiting: () => fabricManager.kick() }),
       policy,
       leaseMs: config.leaseMs,
@@ -96,7 +121,8 @@ export async function startService(config: Config, opts: StartOptions = {}): Pro
     started.push(() => worker.stop());
     await worker.start();
     // Requests and the QEMU monitor hand the effects they write to this worker (no claim, no NOTIFY).
-    const vms = new VmService(db.kysely, host.hostId, vmDefaults, policy, worker);
+    let isReady = false;
+    const vms = new VmService(db.kysely, host.hostId, vmDefaults, policy, worker, () => isReady);
     started.push(() => fabricManager.stop());
     fabricManager.start();
     const monitor = new QemuMonitor(db.kysely, host, policy, config.monitorIntervalMs, log, worker);
@@ -113,6 +139,10 @@ export async function startService(config: Config, opts: StartOptions = {}): Pro
     });
     started.push(() => reconciler.stop());
     reconciler.start();
+    const ready = reconciler.firstJudgement().then(() => {
+      isReady = true;
+      log.info({ hostId: host.hostId }, 'first reconciliation done: accepting creates');
+    });
 
     const api = await buildApi({
       vms,
@@ -121,6 +151,8 @@ export async function startService(config: Config, opts: StartOptions = {}): Pro
       log,
       health: async () => ({
         ok: true,
+        status: isReady ? 'ok' : 'starting',
+        epoch: agent.epoch,
         hostId: host.hostId,
         simulated: host.simulated,
         database: db.kind,
@@ -131,6 +163,7 @@ export async function startService(config: Config, opts: StartOptions = {}): Pro
     started.push(() => api.close());
     const address = await api.listen({ host: config.listenHost, port: config.port });
     log.info({ url: address, hostId: host.hostId }, 'gpuvm is serving');
+    if (opts.waitReady !== false) await ready;
 
     let stopped = false;
     return {
@@ -143,7 +176,9 @@ export async function startService(config: Config, opts: StartOptions = {}): Pro
       health,
       fabricManager,
       reconciler,
+      agent,
       api,
+      ready,
       url: address,
       log,
       async stop() {
@@ -155,12 +190,15 @@ export async function startService(config: Config, opts: StartOptions = {}): Pro
         await health.stop();
         await fabricManager.stop();
         await worker.stop();
+        await agent.stop();
         await db.close();
+        folder.release();
       },
     };
   } catch (err) {
     for (const stop of started.reverse()) await stop().catch(() => {});
     await db.close().catch(() => {});
+    folder.release();
     throw err;
   }
 }

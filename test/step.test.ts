@@ -21,6 +21,7 @@ function vmStep(vm: string, version: number, state: string, opts: { effects?: nu
     claims: null,
     effects: Array.from({ length: opts.effects ?? 0 }, (_, i) => ({ id: `vm:${vm}@${version}#${i}`, hostId: 'h1', type: 'noop', params: { i }, delayMs: 0, maxAttempts: 3, leasedTo: null, deliveredBy: null, note: null })),
     leaseMs: 0,
+    leaseEpoch: null,
     notifyHost: null,
     closes: opts.closes ?? null,
     closesWith: null,
@@ -33,6 +34,8 @@ describe(`step writer (${usingPostgres ? 'postgres' : 'pglite'})`, () => {
   let close: () => Promise<void>;
   beforeAll(async () => {
     ({ db, close } = await openFreshDb());
+    // Closes are fenced by the host's agent epoch (src/engine/agent.ts): w1 runs under epoch 1 of h1.
+    await sql`insert into agents (host_id, epoch, pid, machine, command, started_at, heartbeat_at) values ('h1', 1, 1, 'test', 'test', now(), now())`.execute(db.kysely);
   });
   afterAll(() => close());
 
@@ -60,8 +63,8 @@ describe(`step writer (${usingPostgres ? 'postgres' : 'pglite'})`, () => {
 
   it('writes nothing of a step whose effect lease is gone, and the rest of the statement', async () => {
     // Lease vm:a@1#0 to w1; vm:a@1#1 stays pending (no lease to close).
-    await sql`update effects set status = 'running', lease_owner = 'w1', attempts = 1, claimed_at = now() where id = 'vm:a@1#0'`.execute(db.kysely);
-    const close = (effectId: string) => ({ effectId, workerId: 'w1', attempt: 1, status: 'done' as const, error: null, note: null });
+    await sql`update effects set status = 'running', lease_owner = 'w1', lease_epoch = 1, attempts = 1, claimed_at = now() where id = 'vm:a@1#0'`.execute(db.kysely);
+    const close = (effectId: string) => ({ effectId, workerId: 'w1', epoch: 1, attempt: 1, status: 'done' as const, error: null, note: null });
     const before = { events: await count('events'), tries: await count('effect_attempts') };
     const written = await writeSteps(db.kysely, [vmStep('a', 2, 'starting', { closes: close('vm:a@1#0') }), vmStep('c', 2, 'starting', { closes: close('vm:c@1#0'), effects: 1 })]);
     expect(written[0]).not.toBeNull();
@@ -107,8 +110,8 @@ describe(`step writer (${usingPostgres ? 'postgres' : 'pglite'})`, () => {
 
   it('a step and the message it delivers: one statement, the message effect born done with its try, and nothing of either on a lost lease', async () => {
     await writeSteps(db.kysely, [vmStep('m1', 1, 'provisioning', { effects: 1 }), vmStep('m2', 1, 'provisioning')]);
-    await sql`update effects set status = 'running', lease_owner = 'w1', attempts = 1, claimed_at = now() where id = 'vm:m1@1#0'`.execute(db.kysely);
-    const close = { effectId: 'vm:m1@1#0', workerId: 'w1', attempt: 1, status: 'done' as const, error: null, note: null };
+    await sql`update effects set status = 'running', lease_owner = 'w1', lease_epoch = 1, attempts = 1, claimed_at = now() where id = 'vm:m1@1#0'`.execute(db.kysely);
+    const close = { effectId: 'vm:m1@1#0', workerId: 'w1', epoch: 1, attempt: 1, status: 'done' as const, error: null, note: null };
     // m1's step sends a message (its effect #0) that m2's step delivers in the same statement.
     const unit = () => {
       const sender = vmStep('m1', 2, 'starting', { closes: close, effects: 1 });
@@ -169,7 +172,7 @@ describe(`step writer (${usingPostgres ? 'postgres' : 'pglite'})`, () => {
     other.effects[0]!.params = { delayMs: 60_000 };
     other.effects[0]!.delayMs = 60_000;
     await writeSteps(db.kysely, [first, other]);
-    await sql`update effects set status = 'running', lease_owner = 'w1', attempts = 1, claimed_at = now() where id = 'vm:k1@1#1'`.execute(db.kysely);
+    await sql`update effects set status = 'running', lease_owner = 'w1', lease_epoch = 1, attempts = 1, claimed_at = now() where id = 'vm:k1@1#1'`.execute(db.kysely);
 
     const leave = vmStep('k1', 2, 'releasing');
     leave.cancelTimers = 'cancelled: vm left stopping (QEMU_EXITED) before it fell due';

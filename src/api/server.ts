@@ -3,7 +3,9 @@
  * one process may open the database, so everything goes through the service.
  *
  *   GET    /v1/health               service, host and database facts
- *   POST   /v1/vms                  { gpus: 1|2|4|8, name? } → 202 the VM (provisioning)
+ *   POST   /v1/vms                  { gpus: 1|2|4|8, name? } → 202 the VM (provisioning); an
+ *                                   Idempotency-Key header makes a retry return the same VM;
+ *                                   503 + Retry-After while the service starts
  *   GET    /v1/vms[?all=true]       live VMs (all=true includes deleted ones)
  *   GET    /v1/vms/:id              one VM
  *          [?changedFrom=STATE&waitSeconds=N]  long poll: answers once the VM is no longer in
@@ -22,7 +24,7 @@ import { z } from 'zod';
 import { badRequest, GpuvmError } from '../errors.ts';
 import type { Logger } from '../log.ts';
 import type { VmService } from '../engine/vms.ts';
-import { VM_ID_PATTERN, VM_NAME_PATTERN } from '../engine/vms.ts';
+import { IDEMPOTENCY_KEY_PATTERN, VM_ID_PATTERN, VM_NAME_PATTERN } from '../engine/vms.ts';
 import type { Kysely } from 'kysely';
 import type { Database } from '../store/schema.ts';
 import type { EffectPolicy } from '../engine/commands.ts';
@@ -79,6 +81,7 @@ export async function buildApi(deps: ApiDeps): Promise<FastifyInstance> {
 
   app.setErrorHandler((err: any, req, reply) => {
     if (err instanceof GpuvmError) {
+      if (err.status === 503) reply.header('retry-after', '1');
       return reply.status(err.status).send({ error: { code: err.code, message: err.message } });
     }
     if (typeof err?.statusCode === 'number' && err.statusCode >= 400 && err.statusCode < 500) {
@@ -96,7 +99,11 @@ export async function buildApi(deps: ApiDeps): Promise<FastifyInstance> {
 
   app.post('/v1/vms', async (req, reply) => {
     const body = parseBody(createVmBody, req.body);
-    const vm = await deps.vms.create({ gpus: body.gpus, name: body.name, actor: actor(req), requestId: req.id });
+    const key = req.headers['idempotency-key'];
+    if (key !== undefined && (typeof key !== 'string' || !IDEMPOTENCY_KEY_PATTERN.test(key))) {
+      throw badRequest('Idempotency-Key must be 8 to 128 letters, digits or . _ : - (a UUID will do)');
+    }
+    const vm = await deps.vms.create({ gpus: body.gpus, name: body.name, actor: actor(req), requestId: req.id, idempotencyKey: key });
     return reply.status(202).send(vm);
   });
 

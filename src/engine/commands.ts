@@ -49,6 +49,13 @@ export interface ClaimedEffect {
   attempt: number;
   maxAttempts: number;
   claimedAt: Date;
+  /** The agent epoch the lease was taken under (src/engine/agent.ts). */
+  epoch: number;
+  /** "Not yet" answers so far (waits that did not count as tries), and when the first came. */
+  waits: number;
+  waitingSince: Date | null;
+  /** The lease expired on a try that was the last the budget allows: record the failure, run nothing. */
+  exhausted: boolean;
 }
 
 /**
@@ -58,6 +65,7 @@ export interface ClaimedEffect {
  */
 export interface ClaimOnWrite {
   workerId: string;
+  epoch: number;
   hostId: string;
   leaseMs: number;
   limit: number;
@@ -120,8 +128,10 @@ export class SnapshotCache {
     return this.entries.get(streamId);
   }
 
-  /** Call only once `snapshot` is committed. */
+  /** Call only once `snapshot` is committed. An older version than the one kept is ignored (a late hand-over). */
   remember(snapshot: StreamSnapshot): void {
+    const kept = this.entries.get(snapshot.streamId);
+    if (kept && kept.version > snapshot.version) return;
     this.entries.delete(snapshot.streamId);
     this.entries.set(snapshot.streamId, snapshot);
     if (this.entries.size > this.max) this.entries.delete(this.entries.keys().next().value!);
@@ -263,6 +273,7 @@ export async function prepareStep(
     claims: claimChange(next, snapshot),
     effects,
     leaseMs: 0,
+    leaseEpoch: null,
     notifyHost: null,
     closes: opts.closes ?? null,
     closesWith: null,
@@ -329,6 +340,7 @@ export async function commitSteps(tx: Executor, steps: PreparedStep[], opts: Pic
     const pending = step.write.effects.filter((e) => e.leasedTo === null && e.deliveredBy === null);
     pendingOf.set(step, { pending, mine });
     step.write.leaseMs = mine ? claimFor.leaseMs : 0;
+    step.write.leaseEpoch = mine ? claimFor.epoch : null;
     // The local worker is told of what it was not handed (pendingDueAt); other processes hear NOTIFY.
     step.write.notifyHost = pending.length > 0 && !mine ? String(step.next.context.hostId) : null;
   }
@@ -356,9 +368,24 @@ export async function commitSteps(tx: Executor, steps: PreparedStep[], opts: Pic
     else opts.snapshots?.remember(stored);
     const claimed: ClaimedEffect[] = step.write.effects
       .filter((e) => e.leasedTo !== null)
-      .map((e) => ({ id: e.id, streamId: step.next.streamId, hostId: e.hostId, type: e.type, params: e.params, correlationId: step.write.event.correlationId, attempt: 1, maxAttempts: e.maxAttempts, claimedAt: now }));
+      .map((e) => ({
+        id: e.id,
+        streamId: step.next.streamId,
+        hostId: e.hostId,
+        type: e.type,
+        params: e.params,
+        correlationId: step.write.event.correlationId,
+        attempt: 1,
+        maxAttempts: e.maxAttempts,
+        claimedAt: now,
+        epoch: claimFor!.epoch,
+        waits: 0,
+        waitingSince: null,
+        exhausted: false,
+      }));
     const { pending, mine } = pendingOf.get(step)!;
-    const pendingDueAt = mine && pending.length > 0 ? new Date(now.getTime() + Math.min(...pending.map((e) => e.delayMs))) : null;
+    // On this process's clock (the worker sleeps on it), not the database's: the two may differ.
+    const pendingDueAt = mine && pending.length > 0 ? new Date(Date.now() + Math.min(...pending.map((e) => e.delayMs))) : null;
     return { kind: 'changed' as const, snapshot: stored, position, claimed, pendingDueAt };
   });
 }

@@ -2,6 +2,11 @@
  * What each effect does on the host. Every handler observes before it acts (is the partition
  * already active? is the GPU already on vfio-pci? is this VM's QEMU already up?), so running it
  * again after a crash is safe, and reports its outcome as an event for a stream.
+ *
+ * The actions that are not idempotent — rebinding GPUs, fmpm -a/-d, starting QEMU — run through the
+ * host's fence (src/host/fence.ts) under the try's epoch and its stream version, after a last look
+ * at the try's abort signal: a try whose lease is gone, from a stale agent or an older cycle of the
+ * partition, never acts.
  */
 import {
   hostStream,
@@ -17,11 +22,22 @@ import {
 import type { HostAdapters } from '../host/host.ts';
 import type { MachineEvent } from './decide.ts';
 import { isWaitingForActivatedList } from './fabric-manager.ts';
-import type { EffectHandlers, EffectOutcome } from './worker.ts';
+import type { EffectContext, EffectHandlers, EffectOutcome } from './worker.ts';
+import type { FenceStamp } from '../host/fence.ts';
 
-/** A step that must wait for the host to catch up; retried with backoff. */
-class NotYetError extends Error {
+/** The stream version in an effect id (`<stream>@<version>#<index>`): the generation the host fence compares. */
+export function generationOf(effectId: string): number {
+  const m = /@(\d+)#\d+$/.exec(effectId);
+  if (!m) throw new Error(`not an effect id: ${JSON.stringify(effectId)}`);
+  return Number(m[1]);
+}
+
+const stampOf = (ctx: EffectContext): FenceStamp => ({ epoch: ctx.effect.epoch, generation: generationOf(ctx.effect.id), effectId: ctx.effect.id, attempt: ctx.effect.attempt });
+
+/** A step that must wait for the host to catch up: it waits on a deadline without spending tries (see isNotYet). */
+export class NotYetError extends Error {
   readonly retryable = true;
+  readonly notYet = true;
 }
 
 /** A step that cannot succeed by retrying; fails the effect at once. */
@@ -42,15 +58,23 @@ export interface HandlerHooks {
 }
 
 export function createHandlers(host: HostAdapters, hooks: HandlerHooks = {}): EffectHandlers {
-  /** Runs an fmpm call; a refusal from a restarted Fabric Manager wakes the guard before the retry. */
+  /**
+   * Runs an fmpm call. A refusal from a restarted Fabric Manager (NOT_CONFIGURED: it waits for its
+   * activated list) wakes the guard, and is "not yet", not a failure.
+   */
   async function fm<T>(call: () => Promise<T>): Promise<T> {
     try {
       return await call();
     } catch (err) {
-      if (isWaitingForActivatedList(err)) hooks.fabricManagerWaiting?.();
-      throw err;
+      if (!isWaitingForActivatedList(err)) throw err;
+      hooks.fabricManagerWaiting?.();
+      throw new NotYetError(`Fabric Manager is not ready yet: ${(err as Error).message}`, { cause: err });
     }
   }
+
+  /** A non-idempotent action on a partition or VM, fenced on the host (see the top of this file). */
+  const fenced = <T>(ctx: EffectContext, key: string, action: string, fn: () => Promise<T>): Promise<T> => host.fence.run(key, action, stampOf(ctx), ctx.signal, fn);
+  const partitionKey = (p: { partitionId: number }) => `partition-${p.partitionId}`;
 
   /** Invariant: never touch a partition's GPUs or its activation while the VM's QEMU lives. */
   async function assertQemuGone(p: PartitionEffectParams, step: string): Promise<void> {
@@ -60,11 +84,11 @@ export function createHandlers(host: HostAdapters, hooks: HandlerHooks = {}): Ef
 
   return {
     // ── partition ────────────────────────────────────────────────────────────
-    async prepareGpus(p: PartitionEffectParams) {
+    async prepareGpus(p: PartitionEffectParams, ctx: EffectContext) {
       for (const gpu of p.gpus) {
         const driver = await host.sysfs.driverOf(gpu.pciAddress);
         // GPUs rest on the host driver; one left elsewhere by an interrupted cycle is brought back.
-        if (driver !== host.hostDriver) await host.sysfs.bindGroupToHost(gpu.pciAddress, host.hostDriver);
+        if (driver !== host.hostDriver) await fenced(ctx, partitionKey(p), 'rebind to host driver', () => host.sysfs.bindGroupToHost(gpu.pciAddress, host.hostDriver));
       }
       // Re-verify the inventory while the GPUs are visible to nvidia-smi: a wrong module → PCI
       // mapping would hand a tenant GPUs outside its NVLink island.
@@ -79,9 +103,9 @@ export function createHandlers(host: HostAdapters, hooks: HandlerHooks = {}): Ef
       return toPartition(p, { type: 'GPUS_READY' });
     },
 
-    async activatePartition(p: PartitionEffectParams) {
+    async activatePartition(p: PartitionEffectParams, ctx: EffectContext) {
       if (await fm(() => host.fmpm.isActive(p.partitionId))) return toPartition(p, { type: 'ACTIVATED', outcome: 'already-active' });
-      const outcome = await fm(() => host.fmpm.activate(p.partitionId));
+      const outcome = await fenced(ctx, partitionKey(p), 'fmpm -a', () => fm(() => host.fmpm.activate(p.partitionId)));
       return toPartition(p, { type: 'ACTIVATED', outcome });
     },
 
@@ -90,35 +114,35 @@ export function createHandlers(host: HostAdapters, hooks: HandlerHooks = {}): Ef
       return toPartition(p, { type: 'CONFIRMED_ACTIVE' });
     },
 
-    async bindVfio(p: PartitionEffectParams) {
+    async bindVfio(p: PartitionEffectParams, ctx: EffectContext) {
       for (const gpu of p.gpus) {
-        const { group } = await host.sysfs.bindGroupToVfio(gpu.pciAddress);
+        const { group } = await fenced(ctx, partitionKey(p), 'bind vfio-pci', () => host.sysfs.bindGroupToVfio(gpu.pciAddress));
         if (!(await host.sysfs.vfioGroupReady(group))) throw new NotYetError(`/dev/vfio/${group} for GPU ${gpu.pciAddress} has not appeared`);
       }
       return toPartition(p, { type: 'BOUND_VFIO' });
     },
 
-    async bindHost(p: PartitionEffectParams) {
+    async bindHost(p: PartitionEffectParams, ctx: EffectContext) {
       await assertQemuGone(p, 'rebinding the GPUs');
-      for (const gpu of p.gpus) await host.sysfs.bindGroupToHost(gpu.pciAddress, host.hostDriver);
+      for (const gpu of p.gpus) await fenced(ctx, partitionKey(p), 'rebind to host driver', () => host.sysfs.bindGroupToHost(gpu.pciAddress, host.hostDriver));
       return toPartition(p, { type: 'BOUND_HOST' });
     },
 
-    async deactivatePartition(p: PartitionEffectParams) {
+    async deactivatePartition(p: PartitionEffectParams, ctx: EffectContext) {
       await assertQemuGone(p, 'deactivation');
       if (!(await fm(() => host.fmpm.isActive(p.partitionId)))) return toPartition(p, { type: 'DEACTIVATED', outcome: 'already-inactive' });
-      const outcome = await fm(() => host.fmpm.deactivate(p.partitionId));
+      const outcome = await fenced(ctx, partitionKey(p), 'fmpm -d', () => fm(() => host.fmpm.deactivate(p.partitionId)));
       return toPartition(p, { type: 'DEACTIVATED', outcome });
     },
 
-    async confirmInactive(p: PartitionEffectParams) {
+    async confirmInactive(p: PartitionEffectParams, ctx: EffectContext) {
       if (await fm(() => host.fmpm.isActive(p.partitionId))) {
         // Active again after fmpm -d succeeded: a Fabric Manager restarted in resiliency mode was
         // handed this partition in its activated list (the guard answers from the log, which cannot
         // tell whether -d ran before the restart). QEMU is gone and the GPUs are back on the host
         // driver, so deactivating again is the safe direction; the retry confirms.
         await assertQemuGone(p, 'deactivation');
-        await fm(() => host.fmpm.deactivate(p.partitionId));
+        await fenced(ctx, partitionKey(p), 'fmpm -d', () => fm(() => host.fmpm.deactivate(p.partitionId)));
         throw new NotYetError(`fmpm -l showed partition ${p.partitionId} active again after deactivation; deactivated it again`);
       }
       return toPartition(p, { type: 'CONFIRMED_INACTIVE' });
@@ -130,7 +154,7 @@ export function createHandlers(host: HostAdapters, hooks: HandlerHooks = {}): Ef
     },
 
     /** Drift repair, in the safe direction and in the release order: no stray QEMU, GPUs home, fmpm -d. */
-    async repairPartition(p: RepairParams) {
+    async repairPartition(p: RepairParams, ctx: EffectContext) {
       for (const vmId of p.strayQemu) {
         const status = await host.qemu.status(vmId);
         if (status.running) throw new NotYetError(`stray QEMU of ${vmId} (pid ${status.pid}) still runs; repair of partition ${p.partitionId} waits for it to be stopped`);
@@ -139,11 +163,11 @@ export function createHandlers(host: HostAdapters, hooks: HandlerHooks = {}): Ef
       for (const gpu of p.gpus) {
         const driver = await host.sysfs.driverOf(gpu.pciAddress);
         if (driver === host.hostDriver) continue;
-        await host.sysfs.bindGroupToHost(gpu.pciAddress, host.hostDriver);
+        await fenced(ctx, partitionKey(p), 'rebind to host driver', () => host.sysfs.bindGroupToHost(gpu.pciAddress, host.hostDriver));
         actions.push(`GPU ${gpu.pciAddress} (module ${gpu.moduleId}) ${driver ?? 'no driver'} → ${host.hostDriver}`);
       }
       if (await fm(() => host.fmpm.isActive(p.partitionId))) {
-        await fm(() => host.fmpm.deactivate(p.partitionId));
+        await fenced(ctx, partitionKey(p), 'fmpm -d', () => fm(() => host.fmpm.deactivate(p.partitionId)));
         actions.push(`fmpm -d ${p.partitionId}`);
       }
       if (await fm(() => host.fmpm.isActive(p.partitionId))) throw new NotYetError(`fmpm -l still shows partition ${p.partitionId} active after the repair`);
@@ -158,12 +182,12 @@ export function createHandlers(host: HostAdapters, hooks: HandlerHooks = {}): Ef
     },
 
     // ── vm ───────────────────────────────────────────────────────────────────
-    async startQemu(p: StartQemuParams) {
+    async startQemu(p: StartQemuParams, ctx: EffectContext) {
       for (const gpu of p.gpus) {
         const driver = await host.sysfs.driverOf(gpu.pciAddress);
         if (driver !== 'vfio-pci') throw new RefusedError(`GPU ${gpu.pciAddress} is on ${driver ?? 'no driver'}, not vfio-pci: refusing to start VM ${p.vmId}`);
       }
-      const started = await host.qemu.start({
+      const started = await fenced(ctx, `vm-${p.vmId}`, 'start QEMU', () => host.qemu.start({
         vmId: p.vmId,
         memoryMiB: p.memoryMiB,
         vcpus: p.vcpus,
@@ -172,7 +196,7 @@ export function createHandlers(host: HostAdapters, hooks: HandlerHooks = {}): Ef
         hugepagesPath: host.vmDefaults.hugepagesPath,
         diskImage: host.vmDefaults.diskImage,
         firmware: host.vmDefaults.firmware,
-      });
+      }));
       return {
         ...toVm(p, { type: 'QEMU_STARTED', pid: started.pid }),
         note: started.alreadyRunning ? `QEMU pid ${started.pid} was already running` : `QEMU pid ${started.pid}`,

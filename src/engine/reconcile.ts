@@ -91,6 +91,9 @@ export class Reconciler {
   /** Report-only drift recorded by earlier passes and still present (by its words). */
   private reported = new Set<string>();
   private underWay: Promise<DriftRecord[]> | null = null;
+  /** A pass has compared the partitions with `fmpm -l` (see firstJudgement). */
+  private judged = false;
+  private stopped = false;
 
   constructor(
     private readonly db: Kysely<Database>,
@@ -107,7 +110,20 @@ export class Reconciler {
     this.periodic.kick();
   }
 
+  /**
+   * Resolves after the first pass that judged the partitions against `fmpm -l` (a pass that could
+   * not see Fabric Manager, or failed, does not count); until then passes are retried every second.
+   */
+  async firstJudgement(): Promise<void> {
+    while (!this.judged) {
+      if (this.stopped) throw new Error('reconciliation stopped before its first pass');
+      await this.reconcile().catch((err) => this.opts.log.warn({ hostId: this.host.hostId, err: String(err) }, 'reconciliation pass failed; trying again'));
+      if (!this.judged) await new Promise((r) => setTimeout(r, 1000));
+    }
+  }
+
   stop(): Promise<void> {
+    this.stopped = true;
     return this.periodic.stop();
   }
 
@@ -154,6 +170,7 @@ export class Reconciler {
         if (r) records.push(r);
       }
       this.reported = reportedNow;
+      this.judged = true;
     }
     for (const r of records) this.opts.log.warn({ hostId: this.host.hostId, streamId: r.streamId, drift: r.drift, repair: r.repair }, `drift detected: ${r.detail}`);
     return records;

@@ -5,7 +5,7 @@
 import { randomBytes, randomUUID } from 'node:crypto';
 import { sql, type Kysely } from 'kysely';
 import { partitionStream, vmStream, type VmContext } from '../../machines/index.ts';
-import { badRequest, conflict, notFound } from '../errors.ts';
+import { badRequest, conflict, GpuvmError, notFound } from '../errors.ts';
 import { isUniqueViolation, readCorrelated, type Executor, type StoredEvent } from '../store/events.ts';
 import { readEffectsWithTries } from '../store/effects.ts';
 import { isClaimConflict, vmRow, type StreamSnapshot, type VmRow } from '../store/projections.ts';
@@ -29,7 +29,15 @@ export interface CreateVmRequest {
   name?: string;
   actor: string;
   requestId?: string;
+  /**
+   * The client's key for this create (the Idempotency-Key header): a create with a key already used
+   * answers with the VM that key made, so a client that retries — its first answer lost, or a 500 —
+   * never makes a second VM. The CREATE event's causation is `request:<key>`, unique among CREATEs.
+   */
+  idempotencyKey?: string;
 }
+
+export const IDEMPOTENCY_KEY_PATTERN = /^[A-Za-z0-9._:-]{8,128}$/;
 
 function newVmId(): string {
   const alphabet = 'abcdefghijklmnopqrstuvwxyz0123456789';
@@ -47,15 +55,49 @@ export class VmService {
     private readonly policy: EffectPolicy,
     /** The effect worker of this process: it runs the effects these requests write without a claim. */
     private readonly worker: LocalWorker | null = null,
+    /** False until the service's first reconciliation has judged the host (see Service.ready). */
+    private readonly ready: () => boolean = () => true,
   ) {}
+
+  /** The VM a CREATE with this causation made, if one did. */
+  private async createdBy(causationId: string): Promise<VmRow | null> {
+    const row = await this.db.selectFrom('events').select('stream_id').where('causation_id', '=', causationId).where('type', '=', 'CREATE').executeTakeFirst();
+    return row ? this.find(this.db, row.stream_id.slice('vm:'.length)) : null;
+  }
+
+  /** The VM an idempotency key made, if the request matches the one that made it. */
+  private sameRequest(vm: VmRow, req: CreateVmRequest): VmRow {
+    if (vm.gpu_count !== req.gpus || (req.name !== undefined && vm.name !== req.name)) {
+      throw conflict('idempotency-key-reused', `Idempotency-Key ${req.idempotencyKey} already created VM ${vm.id} (${vm.gpu_count} GPU(s), name ${vm.name}); use a new key for a different request`);
+    }
+    return vm;
+  }
 
   async create(req: CreateVmRequest): Promise<VmRow> {
     if (!(GPU_COUNTS as readonly number[]).includes(req.gpus)) {
       throw badRequest(`gpus must be 1, 2, 4 or 8 (got ${req.gpus})`);
     }
+    const causationId = `request:${req.idempotencyKey ?? req.requestId ?? randomUUID()}`;
+    if (req.idempotencyKey !== undefined) {
+      const made = await this.createdBy(causationId);
+      if (made) return this.sameRequest(made, req);
+    }
+    if (!this.ready()) throw new GpuvmError(503, 'starting', 'gpuvm is starting: its first reconciliation with the host is under way; retry in a moment');
+    try {
+      return await this.place(req, causationId);
+    } catch (err) {
+      if (req.idempotencyKey === undefined || (err instanceof GpuvmError && err.status < 500)) throw err;
+      // The same key racing itself, or an ambiguous commit (the connection dropped after COMMIT):
+      // the log says whether the VM was made.
+      const made = await this.createdBy(causationId).catch(() => null);
+      if (made) return this.sameRequest(made, req);
+      throw err;
+    }
+  }
+
+  private async place(req: CreateVmRequest, causationId: string): Promise<VmRow> {
     const vmId = newVmId();
     const name = req.name ?? vmId;
-    const causationId = `request:${req.requestId ?? randomUUID()}`;
     // A concurrent create may claim overlapping modules first; the primary key on gpu_claims then
     // refuses ours, and we decide again on what is left.
     for (let attempt = 0; attempt < 50; attempt++) {

@@ -8,8 +8,9 @@
 import { accessSync, constants as fsConstants, statSync, type Stats } from 'node:fs';
 import { readFile } from 'node:fs/promises';
 import { isIP } from 'node:net';
-import { isAbsolute, join } from 'node:path';
+import { dirname, isAbsolute, join } from 'node:path';
 import { z } from 'zod';
+import { HostFence } from './fence.ts';
 import { Fmpm } from './fmpm.ts';
 import type { HostAdapters } from './host.ts';
 import { NvidiaSmi } from './nvidia-smi.ts';
@@ -380,6 +381,8 @@ export function openRealHost(cfg: HostConfig, opts: RealHostOptions = {}): HostA
       `${cfg.qemu.forceNoMmap ? ', x-no-mmap=true forced' : ''}; per-VM ${PIDFILE_NAME}, ${QMP_SOCKET_NAME}, ${LOG_NAME} in ${cfg.runDir}`,
     fsRoot: cfg.fsRoot,
     fabricManagerBin: cfg.binaries.fabricManager,
+    // Beside the run folder (/var/lib/gpuvm/fence by default): it outlives every VM.
+    fence: new HostFence(join(dirname(cfg.runDir), 'fence')),
     vmDefaults,
   };
 }

@@ -8,6 +8,7 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import type { HostInventory } from '../../machines/index.ts';
 import type { Logger } from '../log.ts';
+import { HostFence } from './fence.ts';
 import { Fmpm } from './fmpm.ts';
 import { NvidiaSmi } from './nvidia-smi.ts';
 import { findQemuBinary, Qemu } from './qemu.ts';
@@ -31,6 +32,8 @@ export interface HostAdapters {
   fsRoot: string;
   /** `nv-fabricmanager`, asked for its version by `gpuvm doctor`. */
   fabricManagerBin: string;
+  /** Host-side fencing of non-idempotent actions (fence.ts): one folder per host, beside the QEMU run folders. */
+  fence: HostFence;
   /** Host-wide QEMU settings every VM gets (hugepages, disk image, firmware). */
   vmDefaults: { hugepagesPath?: string; diskImage?: string; firmware?: string; imageDriverVersion?: string };
 }
@@ -72,6 +75,7 @@ export async function openSimulatedHost(opts: SimulatedHostOptions, log: Logger)
     qemuDescription,
     fsRoot: root,
     fabricManagerBin: join(root, 'bin', 'nv-fabricmanager'),
+    fence: new HostFence(join(opts.dataDir, 'fence', opts.hostId)),
     vmDefaults: { imageDriverVersion: sim.driverVersion },
   };
 }

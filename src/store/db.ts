@@ -43,9 +43,22 @@ export interface DbOptions {
   poolSize?: number;
 }
 
+/**
+ * A connection of its own, for what must live exactly as long as one database session: the agent's
+ * advisory lock (src/engine/agent.ts). `closed` fires when the connection is lost — and with it
+ * every session lock it held.
+ */
+export interface Session {
+  query<R = Record<string, unknown>>(text: string, values?: unknown[]): Promise<{ rows: R[]; rowCount: number }>;
+  readonly closed: AbortSignal;
+  close(): Promise<void>;
+}
+
 export interface Db {
   kysely: Kysely<Database>;
   kind: 'postgres' | 'pglite';
+  /** A dedicated connection (Postgres); on PGlite, the one session every caller shares. */
+  openSession(): Promise<Session>;
   /** Subscribes to a NOTIFY channel; returns the unsubscribe function. */
   listen(channel: string, onNotify: (payload: string) => void): Promise<() => Promise<void>>;
   close(): Promise<void>;
@@ -76,6 +89,21 @@ async function openPostgres(url: string, poolSize: number): Promise<Db> {
   return {
     kysely,
     kind: 'postgres',
+    async openSession() {
+      const closed = new AbortController();
+      const client = new pg.Client({ connectionString: url });
+      client.on('error', (err) => closed.abort(err));
+      client.once('end', () => closed.abort(new Error('the database connection ended')));
+      await client.connect();
+      return {
+        query: async (text, values) => {
+          const r = await client.query(text, values);
+          return { rows: r.rows, rowCount: r.rowCount ?? 0 };
+        },
+        closed: closed.signal,
+        close: () => client.end().catch(() => {}),
+      };
+    },
     async listen(channel, onNotify) {
       // A dedicated connection; when it drops (Postgres restarting), it is opened again after a
       // pause. Notifications sent meanwhile are lost, which the workers' polling covers.
@@ -123,7 +151,7 @@ async function openPostgres(url: string, poolSize: number): Promise<Db> {
 }
 
 async function openPGlite(dir: string): Promise<Db> {
-  if (!dir.startsWith('memory://')) mkdirSync(dir, { recursive: true });
+  if (!dir.startsWith('memory://')) mkdirSync(dir, { recursive: true, mode: 0o700 });
   // Loaded only here: a service on Postgres never pays for the embedded database's import.
   const { PGlite } = await import('@electric-sql/pglite');
   const pglite = new PGlite(dir);
@@ -132,6 +160,17 @@ async function openPGlite(dir: string): Promise<Db> {
   return {
     kysely,
     kind: 'pglite',
+    async openSession() {
+      // One process owns the folder (src/store/data-dir.ts) and PGlite is one session: never lost.
+      return {
+        query: async <R,>(text: string, values?: unknown[]) => {
+          const r = await pglite.query<R>(text, values);
+          return { rows: r.rows, rowCount: r.affectedRows ?? r.rows.length };
+        },
+        closed: new AbortController().signal,
+        close: async () => {},
+      };
+    },
     async listen(channel, onNotify) {
       const unsubscribe = await pglite.listen(channel, onNotify);
       return async () => unsubscribe();

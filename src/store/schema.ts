@@ -48,6 +48,11 @@ export interface EffectsTable {
   max_attempts: number;
   lease_owner: string | null;
   lease_until: Timestamp | null;
+  /** The epoch of the agent holding the lease (see AgentsTable). */
+  lease_epoch: string | null;
+  /** "Not yet" answers so far: waits on a deadline that did not count as tries. */
+  waits: Generated<number>;
+  waiting_since: Timestamp | null;
   claimed_at: Timestamp | null;
   last_error: string | null;
   note: string | null;
@@ -61,8 +66,23 @@ export interface EffectAttemptsTable {
   worker: string;
   started_at: Timestamp;
   finished_at: Timestamp;
-  outcome: 'ok' | 'error' | 'lost';
+  /** 'waiting': a "not yet" answer, which does not count against the budget. */
+  outcome: 'ok' | 'error' | 'lost' | 'waiting';
   error: string | null;
+  epoch: string | null;
+  /** 0 for a try that counts; n for the effect's n-th wait. */
+  wait: Generated<number>;
+}
+
+/** One row per host: its current agent's epoch, and who holds it. */
+export interface AgentsTable {
+  host_id: string;
+  epoch: string;
+  pid: number;
+  machine: string;
+  command: string;
+  started_at: Timestamp;
+  heartbeat_at: Timestamp;
 }
 
 export interface HostsTable {
@@ -116,4 +136,5 @@ export interface Database {
   vms: VmsTable;
   partitions: PartitionsTable;
   gpu_claims: GpuClaimsTable;
+  agents: AgentsTable;
 }

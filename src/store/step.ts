@@ -47,7 +47,11 @@ export interface NewEffect {
 export interface EffectClose {
   effectId: string;
   workerId: string;
+  /** The agent epoch the lease was taken under: the close is refused unless it is still the host's (src/engine/agent.ts). */
+  epoch: number;
   attempt: number;
+  /** Its last try was lost (recorded then): closing it records no new try. */
+  noTry?: boolean;
   status: 'done' | 'failed';
   error: string | null;
   note: string | null;
@@ -64,6 +68,8 @@ export interface StepWrite {
   claims: { insert: object[] } | { release: { hostId: string; partitionId: number } } | null;
   effects: NewEffect[];
   leaseMs: number;
+  /** The epoch of the agent the leased effects are born to (see NewEffect.leasedTo). */
+  leaseEpoch: number | null;
   /** NOTIFY this host's workers at commit (effects were left pending for them). */
   notifyHost: string | null;
   closes: EffectClose | null;
@@ -127,12 +133,14 @@ const statement = (p: Parts & { channel: string }, has: Shape) => sql`${sql.raw(
       ? sql`closed as (
     update effects e
     set status = c.status, lease_owner = null, lease_until = null, last_error = c.error, note = c.note, completed_at = now()
-    from jsonb_to_recordset(${p.closes}::jsonb) as c(effect_id text, worker text, status text, error text, note text, attempt integer)
-    where e.id = c.effect_id and e.status = 'running' and e.lease_owner = c.worker
-    returning e.id, c.worker, c.attempt, e.claimed_at, c.status, c.error),
+    from jsonb_to_recordset(${p.closes}::jsonb) as c(effect_id text, worker text, epoch bigint, status text, error text, note text, attempt integer, no_try boolean)
+    where e.id = c.effect_id and e.status = 'running' and e.lease_owner = c.worker and e.lease_epoch = c.epoch
+      -- Fenced: an agent whose epoch a successor has replaced writes nothing.
+      and exists (select 1 from agents a where a.host_id = e.host_id and a.epoch = c.epoch)
+    returning e.id, c.worker, c.epoch, c.attempt, c.no_try, e.claimed_at, c.status, c.error),
   tried as (
-    insert into effect_attempts (effect_id, attempt, worker, started_at, finished_at, outcome, error)
-    select id, attempt, worker, claimed_at, now(), case when status = 'done' then 'ok' else 'error' end, error from closed),`
+    insert into effect_attempts (effect_id, attempt, worker, epoch, started_at, finished_at, outcome, error)
+    select id, attempt, worker, epoch, claimed_at, now(), case when status = 'done' then 'ok' else 'error' end, error from closed where not no_try),`
       : sql``
   }
   ev as (
@@ -172,18 +180,18 @@ const statement = (p: Parts & { channel: string }, has: Shape) => sql`${sql.raw(
     has.effects,
     sql`fx as (
     insert into effects (id, stream_id, host_id, type, params, correlation_id, status, due_at, attempts, max_attempts,
-                         lease_owner, lease_until, claimed_at, completed_at, note, created_at)
+                         lease_owner, lease_epoch, lease_until, claimed_at, completed_at, note, created_at)
     select f.id, f.stream_id, f.host_id, f.type, f.params, f.correlation_id,
            case when f.delivered_by is not null then 'done' when f.leased_to is null then 'pending' else 'running' end,
            now() + f.delay_ms * interval '1 millisecond',
            case when f.delivered_by is null and f.leased_to is null then 0 else 1 end,
-           f.max_attempts, f.leased_to,
+           f.max_attempts, f.leased_to, case when f.leased_to is null then null else f.lease_epoch end,
            case when f.leased_to is null then null else now() + f.lease_ms * interval '1 millisecond' end,
            case when f.delivered_by is null and f.leased_to is null then null else now() end,
            case when f.delivered_by is null then null else now() end,
            f.note, now()
     from jsonb_to_recordset(${p.effects}::jsonb) as f(stream_id text, id text, host_id text, type text, params jsonb, correlation_id text,
-           delay_ms double precision, max_attempts integer, leased_to text, lease_ms double precision, delivered_by text, note text)
+           delay_ms double precision, max_attempts integer, leased_to text, lease_ms double precision, lease_epoch bigint, delivered_by text, note text)
     join ev using (stream_id)
     returning id),
   -- A message delivered in this statement: its one try, done.
@@ -239,7 +247,11 @@ export async function writeSteps(db: Executor, writes: StepWrite[]): Promise<(St
   const rows = (table: ReadRow['table']) => writes.filter((w) => w.readRow.table === table).map((w) => ({ stream_id: w.streamId, row: stamped(w.readRow.row) }));
   const parts: Parts & { channel: string } = {
     channel: EFFECTS_CHANNEL,
-    closes: JSON.stringify(writes.flatMap((w) => (w.closes ? [{ effect_id: w.closes.effectId, worker: w.closes.workerId, status: w.closes.status, error: w.closes.error, note: w.closes.note, attempt: w.closes.attempt }] : []))),
+    closes: JSON.stringify(
+      writes.flatMap((w) =>
+        w.closes ? [{ effect_id: w.closes.effectId, worker: w.closes.workerId, epoch: w.closes.epoch, status: w.closes.status, error: w.closes.error, note: w.closes.note, attempt: w.closes.attempt, no_try: w.closes.noTry === true }] : [],
+      ),
+    ),
     events: JSON.stringify(
       writes.map((w) => ({
         stream_id: w.streamId,
@@ -264,7 +276,7 @@ export async function writeSteps(db: Executor, writes: StepWrite[]): Promise<(St
     releases: JSON.stringify(writes.flatMap((w) => (w.claims && 'release' in w.claims ? [{ stream_id: w.streamId, host_id: w.claims.release.hostId, partition_id: w.claims.release.partitionId }] : []))),
     effects: JSON.stringify(
       writes.flatMap((w) =>
-        w.effects.map((f) => ({ stream_id: w.streamId, id: f.id, host_id: f.hostId, type: f.type, params: f.params, correlation_id: w.event.correlationId, delay_ms: f.delayMs, max_attempts: f.maxAttempts, leased_to: f.leasedTo, lease_ms: w.leaseMs, delivered_by: f.deliveredBy, note: f.note })),
+        w.effects.map((f) => ({ stream_id: w.streamId, id: f.id, host_id: f.hostId, type: f.type, params: f.params, correlation_id: w.event.correlationId, delay_ms: f.delayMs, max_attempts: f.maxAttempts, leased_to: f.leasedTo, lease_ms: w.leaseMs, lease_epoch: w.leaseEpoch, delivered_by: f.deliveredBy, note: f.note })),
       ),
     ),
     cancels: JSON.stringify(writes.flatMap((w) => (w.cancelTimers ? [{ stream_id: w.streamId, note: w.cancelTimers }] : []))),
