@@ -77,7 +77,7 @@ describe(`gpuvm CLI (${usingPostgres ? 'postgres' : 'pglite'})`, () => {
       const db = await freshDatabaseUrl();
       const args = [BIN, 'migrate', '--data-dir', dir, ...(db.url ? ['--database-url', db.url] : [])];
       const first = await promisify(execFile)(process.execPath, args);
-      expect(first.stdout.trim()).toBe('applied: 0001_initial, 0002_quarantine, 0003_drift_repair, 0004_timer_cancelled');
+      expect(first.stdout.trim()).toBe('applied: 0001_initial, 0002_quarantine, 0003_drift_repair, 0004_timer_cancelled, 0005_fencing');
       const second = await promisify(execFile)(process.execPath, args);
       expect(second.stdout.trim()).toBe('database is up to date');
       await db.drop();

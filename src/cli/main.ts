@@ -7,6 +7,7 @@
 import { Command, CommanderError } from 'commander';
 import { loadConfig, type Config } from '../config.ts';
 import { migrate, openDb } from '../store/db.ts';
+import { lockDataDir } from '../store/data-dir.ts';
 import type { VmRow } from '../store/projections.ts';
 import { readdirSync } from 'node:fs';
 import { join } from 'node:path';
@@ -129,13 +130,19 @@ function program(): Command {
     .option('--database-url <url>')
     .action(async (o) => {
       const config: Config = loadConfig({ dataDir: o.dataDir, databaseUrl: o.databaseUrl });
-      const db = await openDb({ databaseUrl: config.databaseUrl, pgliteDir: join(config.dataDir, 'pglite') });
+      // The embedded database lives in the data folder, which one gpuvm process holds at a time.
+      const folder = config.databaseUrl ? null : lockDataDir(config.dataDir, 'migrate');
       try {
-        const result = await migrate(db);
-        const applied = result.results?.filter((r) => r.status === 'Success').map((r) => r.migrationName) ?? [];
-        print(applied.length ? `applied: ${applied.join(', ')}` : 'database is up to date');
+        const db = await openDb({ databaseUrl: config.databaseUrl, pgliteDir: join(config.dataDir, 'pglite') });
+        try {
+          const result = await migrate(db);
+          const applied = result.results?.filter((r) => r.status === 'Success').map((r) => r.migrationName) ?? [];
+          print(applied.length ? `applied: ${applied.join(', ')}` : 'database is up to date');
+        } finally {
+          await db.close();
+        }
       } finally {
-        await db.close();
+        folder?.release();
       }
     });
 
