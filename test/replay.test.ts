@@ -113,19 +113,53 @@ describe(`incident replay, verify and export (${usingPostgres ? 'postgres' : 'pg
     expect(now.partition?.state).toBe('free');
     expect(now.partition?.context.vmId).toBeNull();
 
-    // By position: at the partition's BOUND_VFIO the VM was still provisioning and the partition ready.
+    // By position: the partition's BOUND_VFIO commits with the PARTITION_READY it delivers to the VM,
+    // so at its position the partition is ready and the VM already starting (never ready and still provisioning).
     const pEvents = await readStream(db, partitionStream(hostId(), vm.partition_id));
     const boundVfio = pEvents.find((e) => e.type === 'BOUND_VFIO')!;
     const atBind = await replayVm(db, vm.id, { position: boundVfio.position });
-    expect([atBind.vm.state, atBind.partition?.state]).toEqual(['provisioning', 'ready']);
+    expect([atBind.vm.state, atBind.vm.lastEvent.type, atBind.partition?.state]).toEqual(['starting', 'PARTITION_READY', 'ready']);
 
-    // Before CREATE the VM did not exist: 404, saying when it was created.
+    // Before CREATE's transaction the VM did not exist: 404, saying when it was created. (The position
+    // just below CREATE is its partition's CLAIM, in the same transaction: a replay there shows both.)
     const create = (await readStream(db, vmStream(vm.id)))[0]!;
-    const before = replayVm(db, vm.id, { position: String(BigInt(create.position) - 1n) });
+    const txStart = (await sql<{ p: string }>`select min(position)::text as p from events where tx_id = ${create.txId}::xid8`.execute(db)).rows[0]!.p;
+    const before = replayVm(db, vm.id, { position: String(BigInt(txStart) - 1n) });
     await expect(before).rejects.toBeInstanceOf(GpuvmError);
     await expect(before).rejects.toMatchObject({ status: 404, message: expect.stringMatching(new RegExp(`^no VM ${vm.id} at position \\d+: it was created at`)) });
     await expect(replayVm(db, 'vm-0000000000', {})).rejects.toMatchObject({ status: 404, message: 'no VM vm-0000000000' });
   });
+
+  it('cuts a position replay at the end of the transaction that wrote the position, never inside one', async () => {
+    const vmS = vmStream(vm.id);
+    const pS = partitionStream(hostId(), vm.partition_id);
+    const vmEvents = await readStream(db, vmS);
+    const pEvents = await readStream(db, pS);
+    // Transactions that wrote to both streams (the CLAIM with the CREATE, an outcome with the message it delivers).
+    const shared = [...new Set(vmEvents.map((e) => e.txId))].filter((tx) => pEvents.some((e) => e.txId === tx));
+    expect(shared.length).toBeGreaterThan(0);
+    for (const tx of shared) {
+      const { rows } = await sql<{ position: string }>`select position::text as position from events where tx_id = ${tx}::xid8 order by position`.execute(db);
+      expect(rows.length, `transaction ${tx}`).toBeGreaterThan(1);
+      const through = rows.at(-1)!.position;
+      const upTo = (events: typeof vmEvents) => events.filter((e) => BigInt(e.txId) <= BigInt(tx)).at(-1)!.streamVersion;
+      // Every position the transaction wrote replays the whole transaction, and none of later ones.
+      for (const { position } of rows) {
+        const r = await replayVm(db, vm.id, { position });
+        expect([r.vm.version, r.partition?.version], `position ${position} of transaction ${tx}`).toEqual([upTo(vmEvents), upTo(pEvents)]);
+        expect(r.at).toEqual({ time: null, position, through });
+      }
+      const h = await api('GET', `/v1/replay/vm/${vm.id}?position=${rows[0]!.position}`);
+      expect(h.body.at.through).toBe(through);
+    }
+    const first = (await sql<{ p: string }>`select min(position)::text as p from events where tx_id = ${shared[0]}::xid8`.execute(db)).rows[0]!.p;
+    const cli = await gpuvm('replay', 'vm', vm.id, '--position', first);
+    expect(cli.code, cli.stderr).toBe(0);
+    expect(cli.stdout).toMatch(/at position \d+ \(cut at the end of its transaction: through position \d+\)/);
+    // A time cut is whole by transaction already: a statement's events share its now().
+    const { rows: split } = await sql<{ n: string }>`select count(*)::text as n from (select tx_id from events group by tx_id having count(distinct recorded_at) > 1) x`.execute(db);
+    expect(split[0]!.n).toBe('0');
+  }, 60_000);
 
   it('replays the host: active partitions, GPU drivers and VMs then match what the host really showed', async () => {
     const then = await replayHost(db, hostId(), { time: t1 });
