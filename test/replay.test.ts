@@ -416,6 +416,7 @@ describe(`incident replay, verify and export (${usingPostgres ? 'postgres' : 'pg
  */
 describe(`verify's invariants over the global log (${usingPostgres ? 'postgres' : 'pglite'})`, () => {
   let store: Db;
+  let storeUrl: string | undefined;
   let drop = async () => {};
   const snaps = new Map<string, StreamSnapshot>();
   const host = 'inv-host';
@@ -445,6 +446,7 @@ describe(`verify's invariants over the global log (${usingPostgres ? 'postgres' 
   beforeAll(async () => {
     const fresh = await freshDatabaseUrl();
     drop = fresh.drop;
+    storeUrl = fresh.url;
     store = await openDb({ databaseUrl: fresh.url, pgliteDir: 'memory://' });
     await migrate(store);
     const p1 = partitionStream(host, 1);
@@ -493,5 +495,36 @@ describe(`verify's invariants over the global log (${usingPostgres ? 'postgres' 
     expect(problems[2]!.message).toMatch(/^VM vm-cccccccccc is deleted but its partition 3 never returned: at the end of the log it is preparing/);
     // Stream by stream, every event replays as recorded: only the whole history shows these.
     expect(problems.every((p) => p.code !== 'state-mismatch' && p.code !== 'event-rejected' && p.code !== 'effect-mismatch')).toBe(true);
+  });
+
+  // Needs a second connection holding a transaction open while others commit; PGlite has one
+  // connection, where no transaction is ever open under another, so every event is below xmin there.
+  it.skipIf(!usingPostgres)('checks the invariants over every event of its snapshot, also those above pg_snapshot_xmin (a transaction still open began before them)', async () => {
+    const { default: pg } = await import('pg');
+    const held = new pg.Client({ connectionString: storeUrl });
+    await held.connect();
+    try {
+      await held.query('begin');
+      await held.query('select pg_current_xact_id()'); // takes a transaction id: xmin stays at or below it until it ends
+      // Partition 4 overlaps partition 2 on module 3, and is claimed while partition 2 holds it.
+      const p4 = partitionStream(host, 4);
+      await record(p4, { type: 'REGISTER', hostId: host, partitionId: 4, gpus: [gpu(3)] }, hostStream(host));
+      await record(p4, { type: 'CLAIM', vmId: 'vm-dddddddddd' }, 'vm-dddddddddd');
+      const { rows } = await sql<{ above: boolean }>`select bool_and(tx_id >= pg_snapshot_xmin(pg_current_snapshot())) as above from events where stream_id = ${p4}`.execute(store.kysely);
+      expect(rows[0]!.above).toBe(true);
+      const report = await verifyHistory(store.kysely);
+      expect(report.events).toBe(Number((await sql<{ n: string }>`select count(*)::text as n from events`.execute(store.kysely)).rows[0]!.n));
+      const problems = report.problems.filter((p) => !['projection-mismatch', 'orphan-row'].includes(p.code));
+      expect(summary(problems)).toEqual([
+        ['module-claimed-twice', partitionStream(host, 2), 2, 'CLAIM'],
+        ['deactivated-under-live-vm', partitionStream(host, 1), 9, 'DEACTIVATED'],
+        ['module-claimed-twice', p4, 2, 'CLAIM'],
+        ['partition-not-returned', vmStream('vm-cccccccccc'), 3, 'PARTITION_RELEASED'],
+      ]);
+      expect(problems[2]!.message).toMatch(/GPU module 3 on host inv-host claimed for VM vm-dddddddddd while partition:inv-host:2 \(preparing, VM vm-bbbbbbbbbb\) still holds it/);
+    } finally {
+      await held.query('rollback').catch(() => {});
+      await held.end();
+    }
   });
 });
