@@ -228,3 +228,22 @@ export async function readLog(
   const last = events.at(-1);
   return { events, next: last ? { txId: last.txId, position: last.position } : cursor };
 }
+
+/**
+ * Every event in stream order, (stream_id, stream_version), in keyset pages of `pageSize`: a stream
+ * may span pages. For a pass over the whole log in constant memory; run it in one repeatable-read
+ * transaction for a consistent picture.
+ */
+export async function* scanStreams(db: Executor, pageSize = 1000): AsyncGenerator<StoredEvent[]> {
+  let after: StoredEvent | null = null;
+  for (;;) {
+    let q = db.selectFrom('events').select(eventColumns);
+    if (after) q = q.where(sql<boolean>`(stream_id, stream_version) > (${after.streamId}, ${after.streamVersion})`);
+    const rows = await q.orderBy('stream_id').orderBy('stream_version').limit(pageSize).execute();
+    if (rows.length === 0) return;
+    const page = rows.map((r) => toStoredEvent(r as EventRow));
+    after = page[page.length - 1]!;
+    yield page;
+    if (rows.length < pageSize) return;
+  }
+}
