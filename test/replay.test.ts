@@ -352,6 +352,17 @@ describe(`incident replay, verify and export (${usingPostgres ? 'postgres' : 'pg
     expect(v.status).toBe(200);
     expect(v.body).toMatchObject({ ok: true, streams: 17, problems: [], lines: [] });
 
+    // One verify at a time per process (it runs on a worker thread): a second one while it runs is 429.
+    // The request thread stays free meanwhile: a health check answers while the worker loads and checks.
+    const first = api('POST', '/v1/verify');
+    await sleep(20);
+    const [second, health] = await Promise.all([api('POST', '/v1/verify'), api('GET', '/v1/health')]);
+    expect(second.status).toBe(429);
+    expect(second.body).toEqual({ error: { code: 'busy', message: expect.stringMatching(/^a verify is already running/) } });
+    expect(health.status).toBe(200);
+    expect((await first).body).toMatchObject({ ok: true, streams: 17, problems: [] });
+    expect((await api('POST', '/v1/verify')).status).toBe(200);
+
     const x = await api('GET', `/v1/vms/${vm.id}/export`);
     expect(x.status).toBe(200);
     expect(x.type).toMatch(/^application\/x-ndjson/);
