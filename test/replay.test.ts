@@ -113,19 +113,53 @@ describe(`incident replay, verify and export (${usingPostgres ? 'postgres' : 'pg
     expect(now.partition?.state).toBe('free');
     expect(now.partition?.context.vmId).toBeNull();
 
-    // By position: at the partition's BOUND_VFIO the VM was still provisioning and the partition ready.
+    // By position: the partition's BOUND_VFIO commits with the PARTITION_READY it delivers to the VM,
+    // so at its position the partition is ready and the VM already starting (never ready and still provisioning).
     const pEvents = await readStream(db, partitionStream(hostId(), vm.partition_id));
     const boundVfio = pEvents.find((e) => e.type === 'BOUND_VFIO')!;
     const atBind = await replayVm(db, vm.id, { position: boundVfio.position });
-    expect([atBind.vm.state, atBind.partition?.state]).toEqual(['provisioning', 'ready']);
+    expect([atBind.vm.state, atBind.vm.lastEvent.type, atBind.partition?.state]).toEqual(['starting', 'PARTITION_READY', 'ready']);
 
-    // Before CREATE the VM did not exist: 404, saying when it was created.
+    // Before CREATE's transaction the VM did not exist: 404, saying when it was created. (The position
+    // just below CREATE is its partition's CLAIM, in the same transaction: a replay there shows both.)
     const create = (await readStream(db, vmStream(vm.id)))[0]!;
-    const before = replayVm(db, vm.id, { position: String(BigInt(create.position) - 1n) });
+    const txStart = (await sql<{ p: string }>`select min(position)::text as p from events where tx_id = ${create.txId}::xid8`.execute(db)).rows[0]!.p;
+    const before = replayVm(db, vm.id, { position: String(BigInt(txStart) - 1n) });
     await expect(before).rejects.toBeInstanceOf(GpuvmError);
     await expect(before).rejects.toMatchObject({ status: 404, message: expect.stringMatching(new RegExp(`^no VM ${vm.id} at position \\d+: it was created at`)) });
     await expect(replayVm(db, 'vm-0000000000', {})).rejects.toMatchObject({ status: 404, message: 'no VM vm-0000000000' });
   });
+
+  it('cuts a position replay at the end of the transaction that wrote the position, never inside one', async () => {
+    const vmS = vmStream(vm.id);
+    const pS = partitionStream(hostId(), vm.partition_id);
+    const vmEvents = await readStream(db, vmS);
+    const pEvents = await readStream(db, pS);
+    // Transactions that wrote to both streams (the CLAIM with the CREATE, an outcome with the message it delivers).
+    const shared = [...new Set(vmEvents.map((e) => e.txId))].filter((tx) => pEvents.some((e) => e.txId === tx));
+    expect(shared.length).toBeGreaterThan(0);
+    for (const tx of shared) {
+      const { rows } = await sql<{ position: string }>`select position::text as position from events where tx_id = ${tx}::xid8 order by position`.execute(db);
+      expect(rows.length, `transaction ${tx}`).toBeGreaterThan(1);
+      const through = rows.at(-1)!.position;
+      const upTo = (events: typeof vmEvents) => events.filter((e) => BigInt(e.txId) <= BigInt(tx)).at(-1)!.streamVersion;
+      // Every position the transaction wrote replays the whole transaction, and none of later ones.
+      for (const { position } of rows) {
+        const r = await replayVm(db, vm.id, { position });
+        expect([r.vm.version, r.partition?.version], `position ${position} of transaction ${tx}`).toEqual([upTo(vmEvents), upTo(pEvents)]);
+        expect(r.at).toEqual({ time: null, position, through });
+      }
+      const h = await api('GET', `/v1/replay/vm/${vm.id}?position=${rows[0]!.position}`);
+      expect(h.body.at.through).toBe(through);
+    }
+    const first = (await sql<{ p: string }>`select min(position)::text as p from events where tx_id = ${shared[0]}::xid8`.execute(db)).rows[0]!.p;
+    const cli = await gpuvm('replay', 'vm', vm.id, '--position', first);
+    expect(cli.code, cli.stderr).toBe(0);
+    expect(cli.stdout).toMatch(/at position \d+ \(cut at the end of its transaction: through position \d+\)/);
+    // A time cut is whole by transaction already: a statement's events share its now().
+    const { rows: split } = await sql<{ n: string }>`select count(*)::text as n from (select tx_id from events group by tx_id having count(distinct recorded_at) > 1) x`.execute(db);
+    expect(split[0]!.n).toBe('0');
+  }, 60_000);
 
   it('replays the host: active partitions, GPU drivers and VMs then match what the host really showed', async () => {
     const then = await replayHost(db, hostId(), { time: t1 });
@@ -180,6 +214,9 @@ describe(`incident replay, verify and export (${usingPostgres ? 'postgres' : 'pg
     try {
       const { problems } = await verifyHistory(db);
       expect(summary(problems)).toEqual([['effect-mismatch', pS, claim.streamVersion, 'CLAIM']]);
+      // Pages of 3 and 1 events split streams across pages: the same report.
+      expect(await verifyHistory(db, { pageSize: 3 })).toEqual(await verifyHistory(db));
+      expect(await verifyHistory(db, { pageSize: 1 })).toEqual(await verifyHistory(db));
       expect(problems[0]!.event!.position).toBe(claim.position);
       expect(problems[0]!.message).toContain('vm-zzzzzzzzzz');
     } finally {
@@ -315,6 +352,17 @@ describe(`incident replay, verify and export (${usingPostgres ? 'postgres' : 'pg
     expect(v.status).toBe(200);
     expect(v.body).toMatchObject({ ok: true, streams: 17, problems: [], lines: [] });
 
+    // One verify at a time per process (it runs on a worker thread): a second one while it runs is 429.
+    // The request thread stays free meanwhile: a health check answers while the worker loads and checks.
+    const first = api('POST', '/v1/verify');
+    await sleep(20);
+    const [second, health] = await Promise.all([api('POST', '/v1/verify'), api('GET', '/v1/health')]);
+    expect(second.status).toBe(429);
+    expect(second.body).toEqual({ error: { code: 'busy', message: expect.stringMatching(/^a verify is already running/) } });
+    expect(health.status).toBe(200);
+    expect((await first).body).toMatchObject({ ok: true, streams: 17, problems: [] });
+    expect((await api('POST', '/v1/verify')).status).toBe(200);
+
     const x = await api('GET', `/v1/vms/${vm.id}/export`);
     expect(x.status).toBe(200);
     expect(x.type).toMatch(/^application\/x-ndjson/);
@@ -382,6 +430,7 @@ describe(`incident replay, verify and export (${usingPostgres ? 'postgres' : 'pg
  */
 describe(`verify's invariants over the global log (${usingPostgres ? 'postgres' : 'pglite'})`, () => {
   let store: Db;
+  let storeUrl: string | undefined;
   let drop = async () => {};
   const snaps = new Map<string, StreamSnapshot>();
   const host = 'inv-host';
@@ -411,6 +460,7 @@ describe(`verify's invariants over the global log (${usingPostgres ? 'postgres' 
   beforeAll(async () => {
     const fresh = await freshDatabaseUrl();
     drop = fresh.drop;
+    storeUrl = fresh.url;
     store = await openDb({ databaseUrl: fresh.url, pgliteDir: 'memory://' });
     await migrate(store);
     const p1 = partitionStream(host, 1);
@@ -459,5 +509,36 @@ describe(`verify's invariants over the global log (${usingPostgres ? 'postgres' 
     expect(problems[2]!.message).toMatch(/^VM vm-cccccccccc is deleted but its partition 3 never returned: at the end of the log it is preparing/);
     // Stream by stream, every event replays as recorded: only the whole history shows these.
     expect(problems.every((p) => p.code !== 'state-mismatch' && p.code !== 'event-rejected' && p.code !== 'effect-mismatch')).toBe(true);
+  });
+
+  // Needs a second connection holding a transaction open while others commit; PGlite has one
+  // connection, where no transaction is ever open under another, so every event is below xmin there.
+  it.skipIf(!usingPostgres)('checks the invariants over every event of its snapshot, also those above pg_snapshot_xmin (a transaction still open began before them)', async () => {
+    const { default: pg } = await import('pg');
+    const held = new pg.Client({ connectionString: storeUrl });
+    await held.connect();
+    try {
+      await held.query('begin');
+      await held.query('select pg_current_xact_id()'); // takes a transaction id: xmin stays at or below it until it ends
+      // Partition 4 overlaps partition 2 on module 3, and is claimed while partition 2 holds it.
+      const p4 = partitionStream(host, 4);
+      await record(p4, { type: 'REGISTER', hostId: host, partitionId: 4, gpus: [gpu(3)] }, hostStream(host));
+      await record(p4, { type: 'CLAIM', vmId: 'vm-dddddddddd' }, 'vm-dddddddddd');
+      const { rows } = await sql<{ above: boolean }>`select bool_and(tx_id >= pg_snapshot_xmin(pg_current_snapshot())) as above from events where stream_id = ${p4}`.execute(store.kysely);
+      expect(rows[0]!.above).toBe(true);
+      const report = await verifyHistory(store.kysely);
+      expect(report.events).toBe(Number((await sql<{ n: string }>`select count(*)::text as n from events`.execute(store.kysely)).rows[0]!.n));
+      const problems = report.problems.filter((p) => !['projection-mismatch', 'orphan-row'].includes(p.code));
+      expect(summary(problems)).toEqual([
+        ['module-claimed-twice', partitionStream(host, 2), 2, 'CLAIM'],
+        ['deactivated-under-live-vm', partitionStream(host, 1), 9, 'DEACTIVATED'],
+        ['module-claimed-twice', p4, 2, 'CLAIM'],
+        ['partition-not-returned', vmStream('vm-cccccccccc'), 3, 'PARTITION_RELEASED'],
+      ]);
+      expect(problems[2]!.message).toMatch(/GPU module 3 on host inv-host claimed for VM vm-dddddddddd while partition:inv-host:2 \(preparing, VM vm-bbbbbbbbbb\) still holds it/);
+    } finally {
+      await held.query('rollback').catch(() => {});
+      await held.end();
+    }
   });
 });

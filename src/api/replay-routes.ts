@@ -4,6 +4,7 @@
  *   GET  /v1/replay/vm/:id?at=ISO | ?position=N    the VM and its partition as of that moment
  *   GET  /v1/replay/host/:id?at=ISO | ?position=N  active partitions, GPU drivers, VMs on the host then
  *   POST /v1/verify                                 refold the whole history; { ok, streams, events, problems }
+ *                                                   (on a worker thread, one at a time: 429 `busy` while one runs)
  *   GET  /v1/vms/:id/export                         the VM's incident bundle (application/x-ndjson)
  *
  * Without at/position a replay is of the end of the log. Bad parameters are 400, unknown ids 404.
@@ -14,7 +15,8 @@ import type { Kysely } from 'kysely';
 import { badRequest, notFound } from '../errors.ts';
 import { exportIncident, type IncidentRecord } from '../engine/export.ts';
 import { parseIsoTime, POSITION_PATTERN, replayHost, replayVm, type ReplayPoint } from '../engine/replay.ts';
-import { formatProblem, verifyHistory } from '../engine/verify.ts';
+import { formatProblem } from '../engine/verify.ts';
+import { VerifyRunner } from '../engine/verify-runner.ts';
 import { VM_ID_PATTERN } from '../engine/vms.ts';
 import type { Database } from '../store/schema.ts';
 import { HOST_ID_PATTERN } from '../config.ts';
@@ -76,8 +78,10 @@ export function registerReplayRoutes(app: FastifyInstance, deps: { db: Kysely<Da
     return replayHost(deps.db, id, replayPointFromQuery(req.query));
   });
 
+  const verifier = new VerifyRunner(deps.db);
+  app.addHook('onClose', () => verifier.close());
   app.post('/v1/verify', async () => {
-    const report = await verifyHistory(deps.db);
+    const report = await verifier.run();
     return { ok: report.problems.length === 0, ...report, lines: report.problems.map(formatProblem) };
   });
 

@@ -26,14 +26,23 @@ interface Replayed {
   lastEvent: { position: string; type: string; recordedAt: string };
 }
 
+interface MomentJson {
+  time: string | null;
+  position: string | null;
+  /** With a position: the last position of the transaction the cut ends with. */
+  through: string | null;
+}
+
 interface VmReplayJson {
   vmId: string;
+  at: MomentJson;
   vm: Replayed;
   partition: Replayed | null;
 }
 
 interface HostReplayJson {
   hostId: string;
+  at: MomentJson;
   host: Replayed;
   activePartitions: { partitionId: number; state: string; vmId: string | null; modules: number[] }[];
   gpus: { moduleId: number; pciAddress: string; driver: string; partitionId: number | null; vmId: string | null }[];
@@ -65,7 +74,12 @@ export function momentQuery(o: { at?: string; position?: string }): string {
   return `?at=${encodeURIComponent(at)}`;
 }
 
-const moment = (o: { at?: string; position?: string }) => (o.position !== undefined ? `position ${o.position}` : o.at !== undefined ? o.at : 'now');
+/** The moment as asked; a position says where its cut ended (it cuts at the end of a transaction). */
+function moment(o: { at?: string; position?: string }, at?: MomentJson): string {
+  if (o.position === undefined) return o.at !== undefined ? o.at : 'now';
+  if (!at?.through) return `position ${o.position}`;
+  return `position ${o.position} (cut at the end of its transaction: through position ${at.through})`;
+}
 const asOf = (r: Replayed) => `as of v${r.version} ${r.lastEvent.type}, recorded ${time(r.lastEvent.recordedAt)} (position ${r.lastEvent.position})`;
 
 function vmReplayText(r: VmReplayJson, when: string): string {
@@ -151,7 +165,7 @@ export function registerReplayCommands(cli: Command, client: ServiceClient): voi
     .action(async (id: string, o) => {
       const r = await client.call<VmReplayJson>(base(), 'GET', `/v1/replay/vm/${encodeURIComponent(id)}${momentQuery(o)}`);
       if (o.json) json(r);
-      else print(vmReplayText(r, moment(o)));
+      else print(vmReplayText(r, moment(o, r.at)));
     });
 
   replay
@@ -164,7 +178,7 @@ export function registerReplayCommands(cli: Command, client: ServiceClient): voi
     .action(async (id: string, o) => {
       const r = await client.call<HostReplayJson>(base(), 'GET', `/v1/replay/host/${encodeURIComponent(id)}${momentQuery(o)}`);
       if (o.json) json(r);
-      else print(hostReplayText(r, moment(o)));
+      else print(hostReplayText(r, moment(o, r.at)));
     });
 
   cli

@@ -71,13 +71,13 @@ const IN_FLIGHT_PER_WORKER = 2;
  * Worker threads do not inherit a loader registered in-process (bin/gpuvm.js registers tsx that
  * way), so each registers tsx itself before importing the TypeScript worker module.
  */
-const BOOTSTRAP = `
+export const BOOTSTRAP = `
 const { workerData } = require('node:worker_threads');
 import(workerData.tsx).then((tsx) => { tsx.register(); return import(workerData.entry); });
 `;
 
 /** tsx's ESM register() (its CommonJS build resolves its own files wrongly from a worker). */
-function tsxEsmApi(): string {
+export function tsxEsmApi(): string {
   const require = createRequire(import.meta.url);
   const manifest = require.resolve('tsx/package.json');
   const pkg = require(manifest) as { exports: Record<string, { import: { default: string } }> };

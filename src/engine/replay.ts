@@ -26,8 +26,23 @@ import { ACTIVE_IN_LOG } from './fabric-manager.ts';
 /** The moment to replay to; with neither field, the end of the log. With both, an event must satisfy both. */
 export interface ReplayPoint {
   time?: Date;
-  /** A global log position (decimal digits). */
+  /**
+   * A global log position (decimal digits). The cut is at a transaction boundary: every event of the
+   * transaction that wrote this position (or, where no event holds it, the nearest position below it)
+   * and of the transactions before it in the global order (tx_id, position), none of later ones. One
+   * step statement commits several events (a partition's CLAIM and its VM's CREATE), and a cut inside
+   * it would show a pair of states that never existed.
+   */
   position?: string;
+}
+
+/**
+ * Where a position cut ends: the transaction that wrote the position, and the last position it wrote
+ * (the cut ends there in the global order). null: the log held nothing at or below the position.
+ */
+export interface PositionCut {
+  txId: string;
+  through: string;
 }
 
 export interface ReplayedStream {
@@ -40,9 +55,20 @@ export interface ReplayedStream {
   lastEvent: { position: string; type: string; recordedAt: Date };
 }
 
+/**
+ * The moment replayed. `through`: with a position, the last position of the transaction the cut ends
+ * with (the events folded are those up to it in the global order); null otherwise, or when nothing
+ * was logged at or below the position.
+ */
+export interface ReplayMoment {
+  time: Date | null;
+  position: string | null;
+  through: string | null;
+}
+
 export interface VmReplay {
   vmId: string;
-  at: { time: Date | null; position: string | null };
+  at: ReplayMoment;
   vm: ReplayedStream;
   /** The VM's partition at the same moment. */
   partition: ReplayedStream | null;
@@ -60,7 +86,7 @@ export interface ReplayedGpu {
 
 export interface HostReplay {
   hostId: string;
-  at: { time: Date | null; position: string | null };
+  at: ReplayMoment;
   host: ReplayedStream;
   /** Partitions Fabric Manager had (or may still have had) active: states in ACTIVE_IN_LOG. */
   activePartitions: { partitionId: number; state: string; vmId: string | null; modules: number[] }[];
@@ -89,15 +115,41 @@ export function describePoint(at: ReplayPoint): string {
   return parts.length ? parts.join(' and ') : 'the end of the log';
 }
 
-/** Whether an event had happened at the moment. Times compare at millisecond precision, as printed. */
-export function happenedBy(e: StoredEvent, at: ReplayPoint): boolean {
+/**
+ * Whether an event had happened at the moment. Times compare at millisecond precision, as printed;
+ * a time cut is already whole by transaction, since every event of one statement is recorded at its
+ * now() (step.ts), the transaction's start. A position compares by transaction (`cut`, from
+ * positionCut): the event's transaction is the cut's or before it.
+ */
+export function happenedBy(e: StoredEvent, at: ReplayPoint, cut?: PositionCut | null): boolean {
   if (at.time && e.recordedAt.getTime() > at.time.getTime()) return false;
-  if (at.position !== undefined && BigInt(e.position) > BigInt(at.position)) return false;
+  if (at.position !== undefined) {
+    if (cut === undefined) throw new Error('a position replay needs its transaction cut (positionCut)');
+    if (cut === null || BigInt(e.txId) > BigInt(cut.txId)) return false;
+  }
   return true;
 }
 
-function foldUpTo(streamId: string, events: StoredEvent[], at: ReplayPoint): { snap: StreamSnapshot; last: StoredEvent; folded: StoredEvent[] } | null {
-  const folded = events.filter((e) => happenedBy(e, at));
+/** The transaction a position cut ends with: the one that wrote the position, or the nearest position below it. */
+export async function positionCut(db: Executor, position: string): Promise<PositionCut | null> {
+  const { rows } = await sql<PositionCut>`
+    select e.tx_id::text as "txId", (select max(x.position) from events x where x.tx_id = e.tx_id)::text as through
+    from events e where e.position <= ${position}::bigint order by e.position desc limit 1`.execute(db);
+  return rows[0] ?? null;
+}
+
+/** A replay point resolved against the log: its position cut, if it has a position. */
+interface Moment {
+  at: ReplayPoint;
+  cut: PositionCut | null | undefined;
+}
+
+async function resolve(db: Executor, at: ReplayPoint): Promise<Moment> {
+  return { at, cut: at.position === undefined ? undefined : await positionCut(db, at.position) };
+}
+
+function foldUpTo(streamId: string, events: StoredEvent[], m: Moment): { snap: StreamSnapshot; last: StoredEvent; folded: StoredEvent[] } | null {
+  const folded = events.filter((e) => happenedBy(e, m.at, m.cut));
   if (folded.length === 0) return null;
   let snap: StreamSnapshot | null;
   try {
@@ -124,15 +176,16 @@ function inSnapshot<T>(db: Kysely<Database>, work: (tx: Executor) => Promise<T>)
   return db.transaction().setIsolationLevel('repeatable read').setAccessMode('read only').execute(work);
 }
 
-const pointJson = (at: ReplayPoint) => ({ time: at.time ?? null, position: at.position ?? null });
+const pointJson = (m: Moment): ReplayMoment => ({ time: m.at.time ?? null, position: m.at.position ?? null, through: m.cut?.through ?? null });
 
 /** The VM and its partition as of the moment. 404 when the VM is unknown or did not exist yet then. */
 export async function replayVm(db: Kysely<Database>, vmId: string, at: ReplayPoint): Promise<VmReplay> {
   return inSnapshot(db, async (tx) => {
+    const m = await resolve(tx, at);
     const vmStreamId = vmStream(vmId);
     const vmEvents = (await readStreams(tx, [vmStreamId])).get(vmStreamId)!;
     if (vmEvents.length === 0) throw notFound(`no VM ${vmId}`);
-    const vm = foldUpTo(vmStreamId, vmEvents, at);
+    const vm = foldUpTo(vmStreamId, vmEvents, m);
     if (!vm) {
       const created = vmEvents[0]!;
       throw notFound(
@@ -143,20 +196,21 @@ export async function replayVm(db: Kysely<Database>, vmId: string, at: ReplayPoi
     let partition: ReplayedStream | null = null;
     if (ctx.hostId && ctx.partitionId >= 0) {
       const pStreamId = partitionStream(ctx.hostId, ctx.partitionId);
-      const p = foldUpTo(pStreamId, (await readStreams(tx, [pStreamId])).get(pStreamId)!, at);
+      const p = foldUpTo(pStreamId, (await readStreams(tx, [pStreamId])).get(pStreamId)!, m);
       partition = p ? replayed(p) : null;
     }
-    return { vmId, at: pointJson(at), vm: replayed(vm), partition };
+    return { vmId, at: pointJson(m), vm: replayed(vm), partition };
   });
 }
 
 /** Which partitions were active, which GPU was on which driver, which VMs ran on the host at the moment. */
 export async function replayHost(db: Kysely<Database>, hostId: string, at: ReplayPoint): Promise<HostReplay> {
   return inSnapshot(db, async (tx) => {
+    const m = await resolve(tx, at);
     const hStreamId = hostStream(hostId);
     const hostEvents = (await readStreams(tx, [hStreamId])).get(hStreamId)!;
     if (hostEvents.length === 0) throw notFound(`no host ${hostId}`);
-    const host = foldUpTo(hStreamId, hostEvents, at);
+    const host = foldUpTo(hStreamId, hostEvents, m);
     if (!host) {
       throw notFound(`host ${hostId} was not registered yet at ${describePoint(at)}: it was registered at ${hostEvents[0]!.recordedAt.toISOString()}`);
     }
@@ -181,7 +235,7 @@ export async function replayHost(db: Kysely<Database>, hostId: string, at: Repla
     const events = await readStreams(tx, [...partitionIds, ...vmIds]);
 
     const partitions = partitionIds
-      .map((id) => foldUpTo(id, events.get(id)!, at))
+      .map((id) => foldUpTo(id, events.get(id)!, m))
       .filter((p) => p !== null)
       .map((p) => {
         const c = p.snap.context as unknown as PartitionContext;
@@ -206,7 +260,7 @@ export async function replayHost(db: Kysely<Database>, hostId: string, at: Repla
       });
 
     const vms = vmIds
-      .map((id) => foldUpTo(id, events.get(id)!, at))
+      .map((id) => foldUpTo(id, events.get(id)!, m))
       .filter((v) => v !== null && v.snap.state !== 'deleted')
       .map((v) => {
         const c = v!.snap.context as unknown as VmContext;
@@ -216,7 +270,7 @@ export async function replayHost(db: Kysely<Database>, hostId: string, at: Repla
 
     return {
       hostId,
-      at: pointJson(at),
+      at: pointJson(m),
       host: replayed(host),
       activePartitions: partitions
         .filter((p) => ACTIVE_IN_LOG.includes(p.state))

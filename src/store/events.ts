@@ -200,14 +200,24 @@ export const LOG_START: LogCursor = { txId: '0', position: '0' };
  * inserted, not when it commits, so a reader that followed positions alone could pass a position
  * whose transaction commits later and never see it. Reading only transactions older than the
  * oldest one still running (pg_snapshot_xmin), ordered by transaction id then position, makes
- * every event visible exactly once, in a stable order.
+ * every event visible exactly once, in a stable order. A reader of one repeatable-read snapshot
+ * (verify) passes `inSnapshot` and reads every event the snapshot holds.
  */
-export async function readLog(db: Executor, cursor: LogCursor = LOG_START, limit = 1000): Promise<{ events: StoredEvent[]; next: LogCursor }> {
-  const rows = await db
+export async function readLog(
+  db: Executor,
+  cursor: LogCursor = LOG_START,
+  limit = 1000,
+  opts: { inSnapshot?: boolean } = {},
+): Promise<{ events: StoredEvent[]; next: LogCursor }> {
+  let q = db
     .selectFrom('events')
     .select(eventColumns)
-    .where(sql<boolean>`(tx_id, position) > (${cursor.txId}::xid8, ${cursor.position}::bigint)`)
-    .where(sql<boolean>`tx_id < pg_snapshot_xmin(pg_current_snapshot())`)
+    .where(sql<boolean>`(tx_id, position) > (${cursor.txId}::xid8, ${cursor.position}::bigint)`);
+  // `inSnapshot`: the caller pages within one repeatable-read transaction, whose every visible event
+  // is committed and where nothing commits under it, so every visible event is read, in the same
+  // order; the xmin bound would leave out those of transactions that began after one still open.
+  if (!opts.inSnapshot) q = q.where(sql<boolean>`tx_id < pg_snapshot_xmin(pg_current_snapshot())`);
+  const rows = await q
     // Qualified: a bare name would sort by the selected text aliases (tx_id::text, position::text),
     // and '10' sorts before '9'.
     .orderBy('events.tx_id')
@@ -217,4 +227,23 @@ export async function readLog(db: Executor, cursor: LogCursor = LOG_START, limit
   const events = rows.map((r) => toStoredEvent(r as EventRow));
   const last = events.at(-1);
   return { events, next: last ? { txId: last.txId, position: last.position } : cursor };
+}
+
+/**
+ * Every event in stream order, (stream_id, stream_version), in keyset pages of `pageSize`: a stream
+ * may span pages. For a pass over the whole log in constant memory; run it in one repeatable-read
+ * transaction for a consistent picture.
+ */
+export async function* scanStreams(db: Executor, pageSize = 1000): AsyncGenerator<StoredEvent[]> {
+  let after: StoredEvent | null = null;
+  for (;;) {
+    let q = db.selectFrom('events').select(eventColumns);
+    if (after) q = q.where(sql<boolean>`(stream_id, stream_version) > (${after.streamId}, ${after.streamVersion})`);
+    const rows = await q.orderBy('stream_id').orderBy('stream_version').limit(pageSize).execute();
+    if (rows.length === 0) return;
+    const page = rows.map((r) => toStoredEvent(r as EventRow));
+    after = page[page.length - 1]!;
+    yield page;
+    if (rows.length < pageSize) return;
+  }
 }
