@@ -583,7 +583,13 @@ export class EffectWorker {
       select id, ${effect.attempt}, ${wait ? sql`waits` : sql`0`}, ${this.workerId}, ${effect.epoch}, claimed_at, now(),
              ${wait ? 'waiting' : set.status === 'done' ? 'ok' : 'error'}, ${set.error}
       from closed
+      -- An exhausted effect's last try was lost and is on record as such: closing it adds none.
+      where ${!effect.exhausted}
       returning effect_id`.execute(this.db);
+    if (effect.exhausted && rows.length === 0) {
+      const closed = await this.db.selectFrom('effects').select('status').where('id', '=', effect.id).executeTakeFirst();
+      if (closed?.status === set.status) return;
+    }
     if (rows.length === 0) throw new LostLeaseError(effect.id);
   }
 
