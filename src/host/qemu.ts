@@ -14,9 +14,9 @@ import { constants as fsConstants, openSync, closeSync, type Dirent } from 'node
 import { access, mkdir, readdir, readFile, rm, unlink, writeFile } from 'node:fs/promises';
 import { delimiter, isAbsolute, join, resolve } from 'node:path';
 import { spawn, type ChildProcess } from 'node:child_process';
-import { execa } from 'execa';
 import { parsePciAddress } from './pci.ts';
 import { MAX_UNIX_SOCKET_PATH_BYTES, QmpClient, QmpError } from './qmp.ts';
+import { isRetryableSpawnError, runTool } from './tool.ts';
 
 export const VM_ID_PATTERN = /^[a-z0-9][a-z0-9-]{0,62}$/;
 
@@ -78,17 +78,19 @@ export type QemuErrorCode =
 const RETRYABLE_CODES: ReadonlySet<QemuErrorCode> = new Set(['unknown', 'still-running', 'stop-timeout']);
 
 export class QemuError extends Error {
-  /** true for 'unknown', 'still-running' and 'stop-timeout'; unset (the worker's default) otherwise. */
-  readonly retryable?: true;
+  /** true for 'unknown', 'still-running' and 'stop-timeout' (and a probe that could not be spawned for
+   *  lack of resources); unset (the worker's default) otherwise. */
+  readonly retryable?: boolean;
   constructor(
     readonly code: QemuErrorCode,
     message: string,
     readonly vmId?: string,
-    options?: { cause?: unknown },
+    options?: { cause?: unknown; retryable?: boolean },
   ) {
-    super(message, options);
+    super(message, options?.cause === undefined ? undefined : { cause: options.cause });
     this.name = 'QemuError';
-    if (RETRYABLE_CODES.has(code)) this.retryable = true;
+    const retryable = options?.retryable ?? (RETRYABLE_CODES.has(code) ? true : undefined);
+    if (retryable !== undefined) this.retryable = retryable;
   }
 }
 
@@ -416,12 +418,20 @@ export class Qemu {
   }
 
   async #probe(args: string[]): Promise<string> {
-    try {
-      const r = await execa(this.#opts.bin, args, { timeout: PROBE_TIMEOUT_MS, stdin: 'ignore' });
-      return `${r.stdout}\n${r.stderr}`;
-    } catch (err) {
-      throw new QemuError('spawn', `${this.#opts.bin} ${args.join(' ')} failed: ${(err as Error).message}`, undefined, { cause: err });
+    const cmd = `${this.#opts.bin} ${args.join(' ')}`;
+    const r = await runTool(this.#opts.bin, args, { timeoutMs: PROBE_TIMEOUT_MS, maxBytes: 4 * 1024 * 1024 });
+    if (r.spawnError) {
+      const { code, message } = r.spawnError;
+      const retryable = isRetryableSpawnError(r.spawnError);
+      throw new QemuError('spawn', `${cmd} failed: cannot start it (${code}: ${message})`, undefined, { cause: Object.assign(new Error(message), { code }), retryable });
     }
+    let why: string | null = null;
+    if (r.timedOut) why = `no answer within ${PROBE_TIMEOUT_MS} ms; the process was killed`;
+    else if (r.overflow) why = 'it printed more than 4 MiB; the process was killed';
+    else if (r.exitCode === null) why = `killed by ${r.signal ?? 'a signal'}`;
+    else if (r.exitCode !== 0) why = `exit ${r.exitCode}: ${[r.stdout.trim(), r.stderr.trim()].filter((t) => t !== '').join(' / ').slice(0, 500) || '(no output)'}`;
+    if (why) throw new QemuError('spawn', `${cmd} failed: ${why}`);
+    return `${r.stdout}\n${r.stderr}`;
   }
 
   runDir(vmId: string): string {
@@ -512,9 +522,8 @@ export class Qemu {
     const logFd = openSync(paths.log, 'a');
     let child: ChildProcess;
     try {
-      // node's spawn rather than execa here: execa (async) cannot hand a file descriptor to the
-      // child — its `{file}` stdout pipes through our process, and QEMU would lose its stdout
-      // (SIGPIPE) when gpuvm dies. Detached in its own session with stdio on the log file, QEMU
+      // node's spawn rather than runTool here: QEMU's stdout and stderr go straight to the log
+      // file (a pipe through our process would SIGPIPE QEMU when gpuvm dies). Detached in its own session with stdio on the log file, QEMU
       // outlives gpuvm; the pidfile is how a later gpuvm finds it. No timeout on the process
       // itself (it runs for the life of the VM); start-up is bounded below.
       child = spawn(this.#opts.bin, args, { detached: true, stdio: ['ignore', logFd, logFd], cwd: paths.dir });
