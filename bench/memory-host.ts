@@ -19,7 +19,7 @@ import { HostFence } from '../src/host/fence.ts';
 import { Fmpm, FmpmError, FM_RETURN, type FmpmPartitionTable } from '../src/host/fmpm.ts';
 import type { HostAdapters } from '../src/host/host.ts';
 import { NvidiaSmi, type NvidiaSmiReport } from '../src/host/nvidia-smi.ts';
-import { Qemu, QemuError, type QemuStatus, type QemuVmSpec } from '../src/host/qemu.ts';
+import { Qemu, QemuError, type QemuStatus, type QemuVmSpec, type RunningQemu } from '../src/host/qemu.ts';
 import { createSimHost } from '../src/host/sim/sim-host.ts';
 import { Sysfs, SysfsError, type BarRegion } from '../src/host/sysfs.ts';
 
@@ -252,7 +252,7 @@ class MemoryQemu implements EngineQemu {
   async status(vmId: string): Promise<QemuStatus> {
     this.count('qemu.status');
     const live = this.processes.get(vmId);
-    return live ? { running: true, pid: live.pid } : { running: false, pid: null };
+    return live ? { state: 'alive', pid: live.pid } : { state: 'gone', pid: null };
   }
 
   /** As for a child process: told of an exit once it has happened (on the next turn of the event loop). */
@@ -267,9 +267,9 @@ class MemoryQemu implements EngineQemu {
   }
 
   /** Every live QEMU, as the reconciler asks. */
-  async running(): Promise<{ vmId: string; pid: number }[]> {
+  async running(): Promise<RunningQemu[]> {
     this.count('qemu.running');
-    return [...this.processes].map(([vmId, p]) => ({ vmId, pid: p.pid })).sort((a, b) => a.vmId.localeCompare(b.vmId));
+    return [...this.processes].map(([vmId, p]): RunningQemu => ({ vmId, state: 'alive', pid: p.pid })).sort((a, b) => a.vmId.localeCompare(b.vmId));
   }
 
   /** The guest honours the power button at once: the process is gone when this returns. */

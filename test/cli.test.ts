@@ -108,11 +108,11 @@ describe(`gpuvm CLI (${usingPostgres ? 'postgres' : 'pglite'})`, () => {
     const id = /^(vm-[a-z0-9]{10}) running/.exec(created.stdout)![1]!;
     await child.kill('SIGTERM');
     const qemu = new Qemu({ bin: 'qemu-system-x86_64', runRoot: join(dataDir, 'run'), accel: 'tcg' });
-    expect((await qemu.status(id)).running).toBe(true);
+    expect((await qemu.status(id)).state).toBe('alive');
     const down = await promisify(execFile)(process.execPath, [BIN, 'sim-down', '--data-dir', dataDir]);
     expect(down.stdout).toContain(`${id}: QEMU stopped`);
     expect(down.stdout).toContain('simulated host sim-b200 is down');
-    expect((await qemu.status(id)).running).toBe(false);
+    expect((await qemu.status(id)).state).toBe('gone');
     expect(await simKernelRunning(join(dataDir, 'sim', 'sim-b200'))).toBeNull();
   }, 120_000);
 });

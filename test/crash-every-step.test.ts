@@ -147,7 +147,7 @@ describe.runIf(usingPostgres)('crash at every step (postgres)', () => {
     ]);
     expect(history.effects.every((e: { status: string }) => e.status === 'done')).toBe(true);
     const qemu = new Qemu({ bin: 'qemu-system-x86_64', runRoot: join(walk.dataDir, 'run'), accel: 'tcg' });
-    expect((await qemu.status(vm.id)).running).toBe(false);
+    expect((await qemu.status(vm.id)).state).toBe('gone');
 
     // Every point of the lifecycle was reached: both sides of every effect and every event commit.
     const effects = ['prepareGpus', 'activatePartition', 'confirmActive', 'bindVfio', 'notifyVm', 'startQemu', 'powerdownQemu', 'powerdownTimer', 'terminateQemu', 'releasePartition', 'bindHost', 'deactivatePartition', 'confirmInactive'];

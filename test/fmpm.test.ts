@@ -3,12 +3,15 @@ import { chmod, mkdir, mkdtemp, readFile, rm, writeFile } from 'node:fs/promises
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
+import { spawnSync } from 'node:child_process';
 import { afterAll, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import { restartFabricManager } from '../src/host/sim/sim-host.ts';
 import { Fmpm, FmpmError, parsePartitionTable } from '../src/host/fmpm.ts';
 
 const FMPM_MJS = fileURLToPath(new URL('../src/host/sim/bin/fmpm.mjs', import.meta.url));
 const FIXTURES = fileURLToPath(new URL('./fixtures/fmpm/', import.meta.url));
+const EMFILE_SCRIPT = fileURLToPath(new URL('./support/fmpm-emfile.ts', import.meta.url));
+const REPO = fileURLToPath(new URL('..', import.meta.url));
 
 const B200_PARTITIONS = [
   [1, 2, 3, 4, 5, 6, 7, 8],
@@ -361,6 +364,21 @@ describe('Fmpm adapter', () => {
     await writeFile(garbage, '#!/bin/sh\necho "hello"\n');
     await chmod(garbage, 0o755);
     expect((await fmpmError(new Fmpm({ bin: garbage }).list())).code).toBe('bad-output');
+  });
+
+  it('out of file descriptors: fmpm -l cannot be spawned → retryable spawn-failed, and the process lives on', () => {
+    // A child node under a low open-file limit, so the test runner keeps its own descriptors.
+    const r = spawnSync('prlimit', ['--nofile=128:128', process.execPath, '--import', 'tsx', EMFILE_SCRIPT, join(root, 'bin', 'fmpm')], {
+      cwd: REPO,
+      env: { ...process.env, GPUVM_SIM_ROOT: root },
+      encoding: 'utf8',
+      timeout: 60_000,
+    });
+    const lines = r.stdout.trim().split('\n').filter((l) => l.startsWith('{')).map((l) => JSON.parse(l) as Record<string, unknown>);
+    expect({ status: r.status, signal: r.signal, lines, stderr: r.stderr.slice(-2_000) }).toMatchObject({ status: 0, signal: null, stderr: '' });
+    expect(lines[0]).toMatchObject({ what: 'exhausted', ok: false, isFmpmError: true, code: 'spawn-failed', retryable: true });
+    expect(lines[0]!.message).toMatch(/EMFILE/);
+    expect(lines[1]).toEqual({ what: 'freed', ok: true, numPartitions: 15 });
   });
 
   it('breaks a stale lock left by a killed fmpm', async () => {

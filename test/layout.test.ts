@@ -88,8 +88,8 @@ describe('QEMU layout of 1-, 2-, 4- and 8-GPU VMs on the simulated host', () => 
     }
 
     // The running QEMU's command line, from /proc.
-    const { pid, running } = await service.host.qemu.status(vm.id);
-    expect(running).toBe(true);
+    const { pid, state } = await service.host.qemu.status(vm.id);
+    expect(state).toBe('alive');
     const argv = (await readFile(`/proc/${pid}/cmdline`, 'utf8')).split('\0').filter((a, i, all) => i < all.length - 1 || a !== '');
     const machine = valuesOf(argv, '-machine');
     expect(machine).toHaveLength(1);

@@ -3,7 +3,7 @@ import { spawn } from 'node:child_process';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 import { pathToFileURL } from 'node:url';
-import { afterAll, afterEach, beforeAll, describe, expect, it } from 'vitest';
+import { afterAll, afterEach, beforeAll, beforeEach, describe, expect, it } from 'vitest';
 import {
   Qemu,
   QemuError,
@@ -292,7 +292,7 @@ function lifecycleSuite(label: string, kind: 'real' | 'standin') {
       const started = await qemu.start(vmSpec('topo'));
       expect(started.alreadyRunning).toBe(false);
       expect(started.args).toContain('edu,id=gpu3,bus=rp3,addr=0x0');
-      expect(await qemu.status('topo', { queryQmp: true })).toEqual({ running: true, pid: started.pid, qmpStatus: 'running' });
+      expect(await qemu.status('topo', { queryQmp: true })).toEqual({ state: 'alive', pid: started.pid, qmpStatus: 'running' });
 
       const qmp = await qemu.connect('topo');
       openClients.push(qmp);
@@ -337,14 +337,14 @@ function lifecycleSuite(label: string, kind: 'real' | 'standin') {
     it('a fresh Qemu instance finds the running VM through its pidfile; terminate quits it', async () => {
       const first = await new Qemu(opts()).start(vmSpec('again', 2));
       const fresh = new Qemu(opts()); // as after a gpuvm restart
-      expect(await fresh.status('again')).toEqual({ running: true, pid: first.pid });
+      expect(await fresh.status('again')).toEqual({ state: 'alive', pid: first.pid });
       const second = await fresh.start(vmSpec('again', 2));
       expect(second).toMatchObject({ pid: first.pid, alreadyRunning: true });
       expect(second.args).toContain(join(root, 'run', 'again', 'qemu.pid'));
 
       await expect(fresh.cleanup('again')).rejects.toMatchObject({ code: 'still-running', vmId: 'again' });
       expect(await fresh.terminate('again')).toBe('quit');
-      expect(await fresh.status('again')).toEqual({ running: false, pid: null });
+      expect(await fresh.status('again')).toEqual({ state: 'gone', pid: null });
       expect(await fresh.terminate('again')).toBe('not-running');
       await fresh.cleanup('again');
       expect(existsSync(fresh.runDir('again'))).toBe(false);
@@ -379,7 +379,7 @@ function lifecycleSuite(label: string, kind: 'real' | 'standin') {
         await exited;
         await new Promise((r) => setTimeout(r, 300));
         const fresh = new Qemu(opts());
-        expect(await fresh.status('orphan', { queryQmp: true })).toEqual({ running: true, pid, qmpStatus: 'running' });
+        expect(await fresh.status('orphan', { queryQmp: true })).toEqual({ state: 'alive', pid, qmpStatus: 'running' });
         expect(await fresh.start(vmSpec('orphan', 1))).toMatchObject({ pid, alreadyRunning: true });
         expect(await fresh.terminate('orphan')).toBe('quit');
       } finally {
@@ -410,7 +410,7 @@ function lifecycleSuite(label: string, kind: 'real' | 'standin') {
       const qemu = new Qemu(opts({ runRoot }));
       const started = await qemu.start({ ...vmSpec('commas', 1), hugepagesPath: memDir });
       expect(started.args).toContain(`unix:${join(root, 'run,,with,,commas', 'commas', 'qmp.sock')},server=on,wait=off`);
-      expect(await qemu.status('commas', { queryQmp: true })).toMatchObject({ running: true, qmpStatus: 'running' });
+      expect(await qemu.status('commas', { queryQmp: true })).toMatchObject({ state: 'alive', qmpStatus: 'running' });
       expect(await qemu.terminate('commas')).toBe('quit');
       await qemu.cleanup('commas');
       vmIds.delete('commas');
@@ -428,7 +428,7 @@ function lifecycleSuite(label: string, kind: 'real' | 'standin') {
         const shutdown = await qmp.waitForEvent('SHUTDOWN', 2_000);
         expect(shutdown.data).toEqual({ guest: true, reason: 'guest-shutdown' });
         await qmp.closed;
-        await until('stand-in exit', async () => !(await qemu.status('pwr')).running, 3_000);
+        await until('stand-in exit', async () => (await qemu.status('pwr')).state === 'gone', 3_000);
         expect(await qemu.terminate('pwr')).toBe('not-running');
         expect(await qemu.powerdown('pwr')).toBe('not-running');
       } else {
@@ -436,7 +436,7 @@ function lifecycleSuite(label: string, kind: 'real' | 'standin') {
         // No guest OS: nothing reacts to the power button.
         expect(await qemu.powerdown('pwr')).toBe('sent');
         await new Promise((r) => setTimeout(r, 500));
-        expect((await qemu.status('pwr')).running).toBe(true);
+        expect((await qemu.status('pwr')).state).toBe('alive');
         expect(await qemu.terminate('pwr')).toBe('quit');
       }
       expect(events[0]).toBe('POWERDOWN');
@@ -446,7 +446,7 @@ function lifecycleSuite(label: string, kind: 'real' | 'standin') {
       const qemu = new Qemu(opts());
       const { pid } = await qemu.start(vmSpec('killed', 1));
       process.kill(pid, 'SIGKILL');
-      await until('status not running', async () => !(await qemu.status('killed')).running, 5_000);
+      await until('status not running', async () => (await qemu.status('killed')).state === 'gone', 5_000);
       expect(existsSync(join(qemu.runDir('killed'), 'qemu.pid'))).toBe(true); // stale pidfile stays
       const again = await new Qemu(opts()).start(vmSpec('killed', 1));
       expect(again.alreadyRunning).toBe(false);
@@ -460,7 +460,7 @@ function lifecycleSuite(label: string, kind: 'real' | 'standin') {
       rmSync(dir, { recursive: true, force: true });
       mkdirSync(dir, { recursive: true });
       writeFileSync(join(dir, 'qemu.pid'), `${process.pid}\n`);
-      expect(await qemu.status('recycled')).toEqual({ running: false, pid: null });
+      expect(await qemu.status('recycled')).toEqual({ state: 'gone', pid: null });
       expect(await qemu.terminate('recycled')).toBe('not-running'); // and nobody got signalled
       const started = await qemu.start(vmSpec('recycled', 1));
       expect(started.alreadyRunning).toBe(false);
@@ -472,16 +472,16 @@ function lifecycleSuite(label: string, kind: 'real' | 'standin') {
       await qemu.start(vmSpec('busy', 1));
       openClients.push(await qemu.connect('busy')); // QEMU serves one QMP client at a time
       expect(await qemu.terminate('busy', { quitTimeoutMs: 500, termTimeoutMs: 5_000 })).toBe('sigterm');
-      expect((await qemu.status('busy')).running).toBe(false);
+      expect((await qemu.status('busy')).state).toBe('gone');
     });
 
     it('terminate falls back to SIGKILL when QEMU does not react (SIGSTOPped)', async () => {
       const qemu = new Qemu(opts());
       const { pid } = await qemu.start(vmSpec('hung', 1));
       process.kill(pid, 'SIGSTOP');
-      expect(await qemu.status('hung')).toEqual({ running: true, pid }); // stopped is still alive
+      expect(await qemu.status('hung')).toEqual({ state: 'alive', pid }); // stopped is still alive
       expect(await qemu.terminate('hung', { quitTimeoutMs: 300, termTimeoutMs: 300 })).toBe('sigkill');
-      expect((await qemu.status('hung')).running).toBe(false);
+      expect((await qemu.status('hung')).state).toBe('gone');
     });
 
     it('a command line QEMU rejects fails start with `exited` and the log', async () => {
@@ -491,7 +491,55 @@ function lifecycleSuite(label: string, kind: 'real' | 'standin') {
       expect(err.vmId).toBe('bad');
       expect(err.message).toContain("'no-such-device'");
       expect(readFileSync(join(qemu.runDir('bad'), 'qemu.log'), 'utf8')).toContain('no-such-device');
-      expect((await qemu.status('bad')).running).toBe(false);
+      expect((await qemu.status('bad')).state).toBe('gone');
+    });
+
+    it('a live QEMU whose pidfile cannot be read is unknown: not stopped, not cleaned up, not started twice', async () => {
+      const qemu = new Qemu(opts());
+      const { pid } = await qemu.start(vmSpec('blind', 1));
+      const dir = qemu.runDir('blind');
+      const pidfile = join(dir, 'qemu.pid');
+      // EISDIR stands for any failed read (EMFILE, EACCES, EIO…); it works as root too.
+      rmSync(pidfile);
+      mkdirSync(pidfile);
+      try {
+        const status = await qemu.status('blind');
+        expect(status).toMatchObject({ state: 'unknown', pid: null });
+        expect(status.error).toMatch(/EISDIR/);
+        expect(await qemu.running()).toContainEqual(expect.objectContaining({ vmId: 'blind', state: 'unknown' }));
+        const cleanup = await rejected(qemu.cleanup('blind'));
+        expect(cleanup).toMatchObject({ code: 'unknown', retryable: true, vmId: 'blind' });
+        expect(existsSync(join(dir, 'qmp.sock'))).toBe(true); // the run folder stays: QEMU is not orphaned
+        expect((await rejected(qemu.terminate('blind', { quitTimeoutMs: 300, termTimeoutMs: 300 }))).code).toBe('unknown');
+        expect((await rejected(qemu.start(vmSpec('blind', 1)))).code).toBe('unknown');
+        expect((await rejected(qemu.powerdown('blind'))).code).toBe('unknown');
+        expect(() => process.kill(pid, 0)).not.toThrow(); // nobody signalled it
+      } finally {
+        rmSync(pidfile, { recursive: true, force: true });
+        writeFileSync(pidfile, `${pid}\n`);
+      }
+      expect(await qemu.status('blind')).toEqual({ state: 'alive', pid });
+      const qmp = await qemu.connect('blind'); // still answering: it never saw any of this
+      openClients.push(qmp);
+      expect(await qmp.execute<{ status: string }>('query-status')).toMatchObject({ status: 'running' });
+    });
+
+    it('a live QEMU whose /proc/PID/stat cannot be read is unknown, with its pid', async () => {
+      const qemu = new Qemu(opts());
+      const { pid } = await qemu.start(vmSpec('nostat', 1));
+      const procRoot = mkdtempSync(join(root, 'proc-'));
+      mkdirSync(join(procRoot, String(pid), 'stat'), { recursive: true }); // EISDIR
+      writeFileSync(join(procRoot, String(pid), 'cmdline'), readFileSync(`/proc/${pid}/cmdline`));
+      const blind = new Qemu(opts({ procRoot }));
+      const status = await blind.status('nostat');
+      expect(status).toMatchObject({ state: 'unknown', pid });
+      expect(status.error).toContain(join(procRoot, String(pid), 'stat'));
+      expect(await blind.running()).toContainEqual({ vmId: 'nostat', state: 'unknown', pid, error: status.error });
+      expect((await rejected(blind.cleanup('nostat'))).code).toBe('unknown');
+      expect(existsSync(join(qemu.runDir('nostat'), 'qemu.pid'))).toBe(true);
+      expect((await rejected(blind.terminate('nostat', { quitTimeoutMs: 300, termTimeoutMs: 300 }))).code).toBe('unknown');
+      expect((await rejected(blind.start(vmSpec('nostat', 1)))).code).toBe('unknown');
+      expect(await qemu.status('nostat')).toEqual({ state: 'alive', pid });
     });
 
     it('vfio-pci: every property gpuvm passes exists in this binary', async () => {
@@ -549,5 +597,177 @@ describe('Qemu against a binary that lacks a property', () => {
 
     const none = new Qemu({ bin: join(root, 'does-not-exist'), runRoot: join(root, 'run'), accel: 'tcg' });
     expect((await rejected(none.version())).code).toBe('spawn');
+  });
+});
+
+// ---------------------------------------------------------------------------------------------
+// Observation rules (DESIGN §3.2: alive / gone / unknown) against a stand-in /proc.
+
+describe('QEMU observation: alive / gone / unknown', () => {
+  let root: string;
+  let procRoot: string;
+  let qemu: Qemu;
+  /** A real process: its pid is what a fake /proc describes, so a stray signal would show. */
+  let bystander: ReturnType<typeof spawn>;
+  let pid: number;
+  const NORMAL_FLAGS = 0x400100;
+  const KTHREAD_FLAGS = 0x208040;
+
+  beforeAll(() => {
+    root = mkdtempSync(join(tmpdir(), 'gpuvm-qemu-obs-'));
+    procRoot = join(root, 'proc');
+    bystander = spawn(process.execPath, ['-e', 'setInterval(() => {}, 1 << 30)'], { stdio: 'ignore' });
+    pid = bystander.pid!;
+  });
+  afterAll(() => {
+    bystander.kill('SIGKILL');
+    rmSync(root, { recursive: true, force: true });
+  });
+  afterEach(() => {
+    rmSync(procRoot, { recursive: true, force: true });
+    rmSync(join(root, 'run'), { recursive: true, force: true });
+  });
+
+  const vmDir = (vmId: string) => join(root, 'run', vmId);
+  function pidfile(vmId: string, text: string | null): string {
+    mkdirSync(vmDir(vmId), { recursive: true });
+    const path = join(vmDir(vmId), 'qemu.pid');
+    if (text !== null) writeFileSync(path, text);
+    return path;
+  }
+  /** `<procRoot>/<pid>/{stat,cmdline}`; null leaves a file out, 'dir' makes it a directory (EISDIR). */
+  function proc(p: number, stat: string | null | 'dir', cmdline: string | null | 'dir'): void {
+    const dir = join(procRoot, String(p));
+    mkdirSync(dir, { recursive: true });
+    for (const [name, body] of [['stat', stat], ['cmdline', cmdline]] as const) {
+      if (body === 'dir') mkdirSync(join(dir, name));
+      else if (body !== null) writeFileSync(join(dir, name), body);
+    }
+  }
+  const statLine = (p: number, state: string, flags = NORMAL_FLAGS) => `${p} (qemu-system-x86) ${state} 1 ${p} ${p} 0 -1 ${flags} 0 0 0 0 1 2 0 0 20 0 3 0\n`;
+  const qemuCmdline = (vmId: string) => ['qemu-system-x86_64', '-name', `guest=${vmId}`, '-pidfile', join(vmDir(vmId), 'qemu.pid'), ''].join('\0');
+  const make = () => new Qemu({ bin: '/nonexistent/qemu-system-x86_64', runRoot: join(root, 'run'), accel: 'tcg', procRoot, startTimeoutMs: 1_000 });
+  const stillAlive = () => expect(bystander.exitCode === null && bystander.signalCode === null).toBe(true);
+
+  beforeEach(() => {
+    mkdirSync(procRoot, { recursive: true });
+    qemu = make();
+  });
+
+  it('no pidfile, its folder present or absent → gone; cleanup removes the folder', async () => {
+    expect(await qemu.status('nofolder')).toEqual({ state: 'gone', pid: null });
+    pidfile('nopid', null);
+    expect(await qemu.status('nopid')).toEqual({ state: 'gone', pid: null });
+    expect(await qemu.terminate('nopid')).toBe('not-running');
+    expect(await qemu.powerdown('nopid')).toBe('not-running');
+    expect(await qemu.running()).toEqual([]);
+    await qemu.cleanup('nopid');
+    expect(existsSync(vmDir('nopid'))).toBe(false);
+  });
+
+  it('a pidfile that cannot be read, or holds garbage → unknown; nothing destructive proceeds', async () => {
+    mkdirSync(pidfile('eisdir', null)); // EISDIR
+    pidfile('garbage', 'not-a-pid\n');
+    pidfile('empty', '');
+    for (const vmId of ['eisdir', 'garbage', 'empty']) {
+      const status = await qemu.status(vmId);
+      expect(status, vmId).toMatchObject({ state: 'unknown', pid: null });
+      expect(status.error, vmId).toMatch(vmId === 'eisdir' ? /EISDIR/ : /not a pid/);
+      const cleanup = await rejected(qemu.cleanup(vmId));
+      expect(cleanup).toMatchObject({ code: 'unknown', retryable: true });
+      expect(cleanup.message).toMatch(/cannot tell whether QEMU .*is alive/);
+      expect(existsSync(vmDir(vmId)), vmId).toBe(true);
+      expect((await rejected(qemu.terminate(vmId))).code).toBe('unknown');
+      expect((await rejected(qemu.powerdown(vmId))).code).toBe('unknown');
+      expect((await rejected(qemu.connect(vmId))).code).toBe('unknown');
+      // No second QEMU: refused before the binary (absent here) is even looked at.
+      expect((await rejected(qemu.start({ vmId, memoryMiB: 128, vcpus: 1, gpus: [], gpuDevice: 'stand-in' }))).code).toBe('unknown');
+    }
+    expect((await qemu.running()).map((q) => [q.vmId, q.state])).toEqual([['eisdir', 'unknown'], ['empty', 'unknown'], ['garbage', 'unknown']]);
+  });
+
+  it('/proc/PID missing → gone', async () => {
+    pidfile('dead', `${pid}\n`);
+    expect(await qemu.status('dead')).toEqual({ state: 'gone', pid: null });
+    expect(await qemu.terminate('dead')).toBe('not-running');
+    stillAlive();
+  });
+
+  it('a zombie → gone (it has released its files)', async () => {
+    pidfile('zombie', `${pid}\n`);
+    proc(pid, statLine(pid, 'Z'), '');
+    expect(await qemu.status('zombie')).toEqual({ state: 'gone', pid: null });
+    proc(pid, null, null);
+    writeFileSync(join(procRoot, String(pid), 'stat'), statLine(pid, 'X'));
+    expect(await qemu.status('zombie')).toEqual({ state: 'gone', pid: null });
+    await qemu.cleanup('zombie');
+    stillAlive();
+  });
+
+  it('stat readable, cmdline empty → alive (exiting, may hold VFIO fds), and never signalled', async () => {
+    pidfile('dying', `${pid}\n`);
+    proc(pid, statLine(pid, 'D'), '');
+    expect(await qemu.status('dying')).toEqual({ state: 'alive', pid });
+    expect(await qemu.running()).toEqual([{ vmId: 'dying', state: 'alive', pid }]);
+    expect((await rejected(qemu.cleanup('dying'))).code).toBe('still-running');
+    expect((await rejected(qemu.start({ vmId: 'dying', memoryMiB: 128, vcpus: 1, gpus: [], gpuDevice: 'stand-in' }))).code).toBe('still-running');
+    const stop = await rejected(qemu.terminate('dying', { quitTimeoutMs: 100, termTimeoutMs: 100 }));
+    expect(stop).toMatchObject({ code: 'stop-timeout', retryable: true });
+    expect(stop.message).toMatch(/not signalling/);
+    stillAlive();
+    expect(existsSync(vmDir('dying'))).toBe(true);
+  });
+
+  it('an exiting process that finishes while terminate waits → not-running', async () => {
+    pidfile('exiting', `${pid}\n`);
+    proc(pid, statLine(pid, 'R'), '');
+    setTimeout(() => rmSync(join(procRoot, String(pid)), { recursive: true, force: true }), 150);
+    expect(await qemu.terminate('exiting', { quitTimeoutMs: 2_000, termTimeoutMs: 2_000 })).toBe('not-running');
+    stillAlive();
+  });
+
+  it('a kernel thread (empty cmdline, PF_KTHREAD) took the pid → gone', async () => {
+    pidfile('kthread', `${pid}\n`);
+    proc(pid, statLine(pid, 'S', KTHREAD_FLAGS), '');
+    expect(await qemu.status('kthread')).toEqual({ state: 'gone', pid: null });
+  });
+
+  it('a non-empty cmdline without this pidfile → gone (pid recycled); with it → alive', async () => {
+    pidfile('recycled', `${pid}\n`);
+    proc(pid, statLine(pid, 'S'), qemuCmdline('someone-else'));
+    expect(await qemu.status('recycled')).toEqual({ state: 'gone', pid: null });
+    expect(await qemu.terminate('recycled')).toBe('not-running');
+    pidfile('someone-else', `${pid}\n`);
+    expect(await qemu.status('someone-else')).toEqual({ state: 'alive', pid });
+    stillAlive();
+  });
+
+  it('stat or cmdline that cannot be read, or a stat line that cannot be parsed → unknown, with the pid', async () => {
+    pidfile('x', `${pid}\n`);
+    for (const [stat, cmdline, why] of [
+      ['dir', qemuCmdline('x'), /stat: EISDIR/],
+      [statLine(pid, 'S'), 'dir', /cmdline: EISDIR/],
+      ['garbage without parentheses', qemuCmdline('x'), /unreadable \/proc stat line/],
+    ] as const) {
+      rmSync(procRoot, { recursive: true, force: true });
+      proc(pid, stat, cmdline);
+      const status = await qemu.status('x');
+      expect(status).toMatchObject({ state: 'unknown', pid });
+      expect(status.error).toMatch(why);
+      expect((await rejected(qemu.terminate('x', { quitTimeoutMs: 100, termTimeoutMs: 100 }))).code).toBe('unknown');
+      expect((await rejected(qemu.cleanup('x'))).code).toBe('unknown');
+    }
+    stillAlive();
+    expect(existsSync(vmDir('x'))).toBe(true);
+  });
+
+  it('running() keeps alive and unknown VMs, omits gone ones and stray files', async () => {
+    pidfile('a-alive', `${pid}\n`);
+    proc(pid, statLine(pid, 'S'), qemuCmdline('a-alive'));
+    pidfile('b-gone', null);
+    mkdirSync(pidfile('c-unknown', null));
+    writeFileSync(join(root, 'run', 'd-file'), 'not a run folder');
+    const found = await qemu.running();
+    expect(found.map((q) => [q.vmId, q.state, q.pid])).toEqual([['a-alive', 'alive', pid], ['c-unknown', 'unknown', null]]);
   });
 });

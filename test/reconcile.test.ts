@@ -4,6 +4,7 @@
  * running VM) becomes events and is repaired in the safe direction; a healthy host, even in the
  * middle of lifecycles, shows no drift at all.
  */
+import { existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createHandlers } from '../src/engine/handlers.ts';
@@ -137,12 +138,55 @@ describe(`reconciliation (${usingPostgres ? 'postgres' : 'pglite'})`, () => {
     expect((await partition(running.partition_id)).state).toBe('ready'); // the tenant's VM is left alone
 
     process.kill((await host.qemu.status(vm.id)).pid!, 'SIGKILL');
-    await waitUntil('QEMU gone', async () => !(await host.qemu.status(vm.id)).running);
+    await waitUntil('QEMU gone', async () => (await host.qemu.status(vm.id)).state === 'gone');
     await t.service.reconciler.reconcile();
     await until(vm.id, 'crashed');
     await settled();
     await t.service.vms.delete(vm.id, 'test');
     await until(vm.id, 'deleted');
+    await expectInvariantsAtRest(t.service);
+  }, 120_000);
+
+  it('a QEMU that cannot be observed is not crashed, not stopped, not cleaned up, and nothing is released under it', async () => {
+    const { host } = t.service;
+    const sim = await loadSimHost(simRoot());
+    const vm = await t.service.vms.create({ gpus: 1, actor: 'test' });
+    await until(vm.id, 'running');
+    const running = await t.service.vms.get(vm.id);
+    const stray = await startStrayQemu('vm-stray00003', sim.gpus.find((g) => g.moduleId === 7)!.pciAddress);
+    // A read of the pidfile that fails (EISDIR here; EMFILE or EACCES in the field) while both live.
+    const blind = (vmId: string) => {
+      const pidfile = join(host.qemu.runDir(vmId), 'qemu.pid');
+      const pid = readFileSync(pidfile, 'utf8').trim();
+      rmSync(pidfile);
+      mkdirSync(pidfile);
+      return () => {
+        rmSync(pidfile, { recursive: true });
+        writeFileSync(pidfile, `${pid}\n`);
+      };
+    };
+    const restore = [blind(vm.id), blind('vm-stray00003')];
+    try {
+      expect((await host.qemu.status(vm.id)).state).toBe('unknown');
+      // The monitor records no QEMU_EXITED, and the unowned QEMU is not a stray to stop.
+      expect(await t.service.reconciler.reconcile()).toEqual([]);
+      expect((await t.service.vms.get(vm.id)).state).toBe('running');
+      const handlers = createHandlers(host);
+      const params = { hostId: host.hostId, partitionId: running.partition_id, vmId: vm.id, gpus: [] };
+      await expect(handlers.bindHost!(params, {} as never)).rejects.toThrow(new RegExp(`observing QEMU of VM ${vm.id} failed \\(.*EISDIR.*\\): a failed read is no evidence that it exited`));
+      await expect(handlers.releasePartition!(params, {} as never)).rejects.toMatchObject({ retryable: true, message: expect.stringMatching(/observing QEMU .* failed/) });
+      await expect(handlers.stopStrayQemu!({ hostId: host.hostId, vmId: 'vm-stray00003' }, {} as never)).rejects.toMatchObject({ retryable: true, message: expect.stringMatching(/observation failed/) });
+      await expect(handlers.repairPartition!({ hostId: host.hostId, partitionId: 14, gpus: [], strayQemu: ['vm-stray00003'], drift: 'gpu-off-host-driver' }, {} as never)).rejects.toThrow(/observing QEMU of VM vm-stray00003 failed/);
+      expect(existsSync(join(host.qemu.runDir(vm.id), 'qmp.sock'))).toBe(true);
+      expect(() => process.kill(stray.pid, 0)).not.toThrow();
+    } finally {
+      for (const r of restore) r();
+    }
+    expect((await t.service.reconciler.reconcile()).map((r) => r.drift)).toEqual(['qemu-without-vm']); // seen alive now: stopped
+    await waitUntil('stray stopped', async () => (await host.qemu.status('vm-stray00003')).state === 'gone', 30_000);
+    await t.service.vms.delete(vm.id, 'test');
+    await until(vm.id, 'deleted');
+    await settled();
     await expectInvariantsAtRest(t.service);
   }, 120_000);
 

@@ -162,7 +162,14 @@ function program(): Command {
         vmIds = readdirSync(runRoot);
       } catch {}
       for (const id of vmIds) {
-        const how = await qemu.terminate(id);
+        let how: string;
+        try {
+          how = await qemu.terminate(id);
+        } catch (err) {
+          // e.g. its pidfile or /proc could not be read: left alone, said, and the others still stopped.
+          print(`${id}: QEMU not stopped: ${(err as Error).message}`);
+          continue;
+        }
         if (how !== 'not-running') print(`${id}: QEMU stopped (${how})`);
       }
       await stopSimKernel(join(config.dataDir, 'sim', config.hostId));

@@ -20,6 +20,7 @@ import {
   type VmEffectParams,
 } from '../../machines/index.ts';
 import type { HostAdapters } from '../host/host.ts';
+import { QemuError, type QemuStatus } from '../host/qemu.ts';
 import type { MachineEvent } from './decide.ts';
 import { isWaitingForActivatedList } from './fabric-manager.ts';
 import type { EffectContext, EffectHandlers, EffectOutcome } from './worker.ts';
@@ -38,6 +39,24 @@ const stampOf = (ctx: EffectContext): FenceStamp => ({ epoch: ctx.effect.epoch, 
 export class NotYetError extends Error {
   readonly retryable = true;
   readonly notYet = true;
+}
+
+/** Why a QEMU observation did not come back `gone`, or null when it did. */
+function notGone(vmId: string, status: QemuStatus, what: string, alive = `QEMU of VM ${vmId} (pid ${status.pid}) is still running; ${what}`): string | null {
+  if (status.state === 'gone') return null;
+  if (status.state === 'alive') return alive;
+  const pid = status.pid === null ? '' : ` (pid ${status.pid})`;
+  return `observing QEMU of VM ${vmId}${pid} failed (${status.error ?? 'no reason given'}): a failed read is no evidence that it exited; ${what}`;
+}
+
+/** A QEMU adapter call that refused because its observation failed waits like any other "not yet". */
+async function observing<T>(call: () => Promise<T>): Promise<T> {
+  try {
+    return await call();
+  } catch (err) {
+    if (err instanceof QemuError && err.code === 'unknown') throw new NotYetError(`observation failed: ${err.message}`, { cause: err });
+    throw err;
+  }
 }
 
 /** A step that cannot succeed by retrying; fails the effect at once. */
@@ -78,8 +97,8 @@ export function createHandlers(host: HostAdapters, hooks: HandlerHooks = {}): Ef
 
   /** Invariant: never touch a partition's GPUs or its activation while the VM's QEMU lives. */
   async function assertQemuGone(p: PartitionEffectParams, step: string): Promise<void> {
-    const status = await host.qemu.status(p.vmId);
-    if (status.running) throw new NotYetError(`QEMU of VM ${p.vmId} (pid ${status.pid}) is still running; ${step} of partition ${p.partitionId} waits for it to exit`);
+    const why = notGone(p.vmId, await host.qemu.status(p.vmId), `${step} of partition ${p.partitionId} waits for it to exit`);
+    if (why) throw new NotYetError(why);
   }
 
   return {
@@ -157,7 +176,9 @@ export function createHandlers(host: HostAdapters, hooks: HandlerHooks = {}): Ef
     async repairPartition(p: RepairParams, ctx: EffectContext) {
       for (const vmId of p.strayQemu) {
         const status = await host.qemu.status(vmId);
-        if (status.running) throw new NotYetError(`stray QEMU of ${vmId} (pid ${status.pid}) still runs; repair of partition ${p.partitionId} waits for it to be stopped`);
+        const waits = `repair of partition ${p.partitionId} waits for it to be stopped`;
+        const why = notGone(vmId, status, waits, `stray QEMU of ${vmId} (pid ${status.pid}) still runs; ${waits}`);
+        if (why) throw new NotYetError(why);
       }
       const actions: string[] = [];
       for (const gpu of p.gpus) {
@@ -176,8 +197,8 @@ export function createHandlers(host: HostAdapters, hooks: HandlerHooks = {}): Ef
 
     // ── host ─────────────────────────────────────────────────────────────────
     async stopStrayQemu(p: StopStrayQemuParams) {
-      const how = await host.qemu.terminate(p.vmId);
-      await host.qemu.cleanup(p.vmId);
+      const how = await observing(() => host.qemu.terminate(p.vmId));
+      await observing(() => host.qemu.cleanup(p.vmId));
       return { deliver: { streamId: hostStream(p.hostId), event: { type: 'STRAY_QEMU_STOPPED', vmId: p.vmId, how } } };
     },
 
@@ -187,7 +208,7 @@ export function createHandlers(host: HostAdapters, hooks: HandlerHooks = {}): Ef
         const driver = await host.sysfs.driverOf(gpu.pciAddress);
         if (driver !== 'vfio-pci') throw new RefusedError(`GPU ${gpu.pciAddress} is on ${driver ?? 'no driver'}, not vfio-pci: refusing to start VM ${p.vmId}`);
       }
-      const started = await fenced(ctx, `vm-${p.vmId}`, 'start QEMU', () => host.qemu.start({
+      const started = await fenced(ctx, `vm-${p.vmId}`, 'start QEMU', () => observing(() => host.qemu.start({
         vmId: p.vmId,
         memoryMiB: p.memoryMiB,
         vcpus: p.vcpus,
@@ -196,7 +217,7 @@ export function createHandlers(host: HostAdapters, hooks: HandlerHooks = {}): Ef
         hugepagesPath: host.vmDefaults.hugepagesPath,
         diskImage: host.vmDefaults.diskImage,
         firmware: host.vmDefaults.firmware,
-      }));
+      })));
       return {
         ...toVm(p, { type: 'QEMU_STARTED', pid: started.pid }),
         note: started.alreadyRunning ? `QEMU pid ${started.pid} was already running` : `QEMU pid ${started.pid}`,
@@ -204,7 +225,7 @@ export function createHandlers(host: HostAdapters, hooks: HandlerHooks = {}): Ef
     },
 
     async powerdownQemu(p: VmEffectParams) {
-      const sent = await host.qemu.powerdown(p.vmId);
+      const sent = await observing(() => host.qemu.powerdown(p.vmId));
       return { note: `system_powerdown: ${sent}` };
     },
 
@@ -213,14 +234,15 @@ export function createHandlers(host: HostAdapters, hooks: HandlerHooks = {}): Ef
     },
 
     async terminateQemu(p: VmEffectParams) {
-      const how = await host.qemu.terminate(p.vmId);
+      const how = await observing(() => host.qemu.terminate(p.vmId));
       return toVm(p, { type: 'QEMU_EXITED', how });
     },
 
     async releasePartition(p: VmEffectParams) {
       const status = await host.qemu.status(p.vmId);
-      if (status.running) throw new NotYetError(`QEMU of VM ${p.vmId} is still running; not releasing partition ${p.partitionId}`);
-      await host.qemu.cleanup(p.vmId);
+      const why = notGone(p.vmId, status, `not releasing partition ${p.partitionId}`, `QEMU of VM ${p.vmId} is still running; not releasing partition ${p.partitionId}`);
+      if (why) throw new NotYetError(why);
+      await observing(() => host.qemu.cleanup(p.vmId));
       return { deliver: { streamId: partitionStream(p.hostId, p.partitionId), event: { type: 'RELEASE', vmId: p.vmId } } };
     },
   };

@@ -2,7 +2,9 @@
  * Watches the QEMU of every VM that should have one. A QEMU that is gone while its VM is running
  * or stopping becomes QEMU_EXITED on the VM's stream; the machine decides what that means (a crash
  * while running, the expected end while stopping). The check reads the pidfile and /proc, so it
- * works the same for a QEMU this process started and for one it found after a restart.
+ * works the same for a QEMU this process started and for one it found after a restart. Only an
+ * observed `gone` is an exit: an observation that failed (`unknown`) is logged and made again on
+ * the next pass.
  */
 import type { Kysely } from 'kysely';
 import { vmStream } from '../../machines/index.ts';
@@ -72,7 +74,12 @@ export class QemuMonitor {
         .execute());
     for (const vm of vms) {
       const status = await this.host.qemu.status(vm.id);
-      if (status.running) continue;
+      if (status.state === 'alive') continue;
+      if (status.state === 'unknown') {
+        // A failed read is not an exit: record nothing, look again on the next pass.
+        this.log.warn({ vmId: vm.id, pid: status.pid, error: status.error }, 'cannot observe QEMU; checking again on the next pass');
+        continue;
+      }
       const streamId = vmStream(vm.id);
       const result = await retrying(async () => {
         const cached = this.worker?.snapshots.get(streamId);

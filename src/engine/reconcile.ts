@@ -11,6 +11,9 @@
  *   - a VM's ready partition inactive, or its GPUs off vfio-pci → DRIFT_DETECTED on the host stream,
  *     for an operator: the tenant's VM is up, and taking it down is not a safe-direction repair.
  *
+ * A QEMU whose observation failed (`unknown`) is neither a stray to stop nor evidence of absence:
+ * it is logged, and a partition repair recorded in the same pass waits for it to be observed gone.
+ *
  * Partitions between steps are left alone: an effect is in flight and observes before it acts.
  * An observation goes stale the moment it is made, so each drift is applied only if its stream has
  * not moved since the log was read (the stream version), and the claims' primary key turns away a
@@ -29,6 +32,7 @@ import {
   type PartitionDrift,
 } from '../../machines/index.ts';
 import type { HostAdapters } from '../host/host.ts';
+import type { RunningQemu } from '../host/qemu.ts';
 import type { Logger } from '../log.ts';
 import { DuplicateCausationError, type Executor } from '../store/events.ts';
 import { isClaimConflict } from '../store/projections.ts';
@@ -68,7 +72,8 @@ interface LogView {
 interface HostView {
   active: Set<number> | null;
   drivers: Map<string, string | null>;
-  qemu: { vmId: string; pid: number }[];
+  /** Every QEMU under the run folder not observed gone: alive, or unknown (its observation failed). */
+  qemu: RunningQemu[];
 }
 
 /** Drift only reported, valid while the partitions it was judged from have not moved. */
@@ -144,19 +149,25 @@ export class Reconciler {
     await this.opts.monitor.check();
 
     const records: DriftRecord[] = [];
-    const stray = seen.qemu.filter((q) => {
+    const withoutVm = seen.qemu.filter((q) => {
       const state = log.vmStates.get(q.vmId);
       return state === undefined || qemuHasEnded(state);
     });
-    for (const q of stray) {
-      if (log.stopping.has(q.vmId)) continue;
+    for (const q of seen.qemu) {
+      if (q.state !== 'unknown') continue;
+      this.opts.log.warn({ hostId: this.host.hostId, vmId: q.vmId, pid: q.pid, error: q.error }, 'cannot observe QEMU; neither stopping it nor counting it gone');
+    }
+    // Only a QEMU observed alive is stopped; signals need a confirmed process.
+    for (const q of withoutVm) {
+      if (q.state !== 'alive' || log.stopping.has(q.vmId)) continue;
       const r = await this.recordStrayQemu(q.vmId, q.pid);
       if (r) records.push(r);
     }
 
     if (seen.active) {
       const { repairs, reports } = this.comparePartitions(log, seen.active, seen.drivers);
-      const strayIds = stray.map((q) => q.vmId);
+      // A repair waits for every QEMU without a VM that was not observed gone, unknown ones included.
+      const strayIds = withoutVm.map((q) => q.vmId);
       for (const need of repairs) {
         const r = await this.recordPartitionDrift(need, strayIds);
         if (r) records.push(r);

@@ -7,12 +7,12 @@
 import { constants as fsConstants } from 'node:fs';
 import { access, readdir, readFile } from 'node:fs/promises';
 import path from 'node:path';
-import { execa } from 'execa';
 import { FmpmError, type FmpmErrorCode } from './fmpm.ts';
 import type { HostAdapters } from './host.ts';
 import type { NvidiaSmiReport } from './nvidia-smi.ts';
 import { parsePciAddress } from './pci.ts';
 import { buildQemuArgs, needsNoMmap, vfioPropertiesUsed } from './qemu.ts';
+import { isRetryableSpawnError, runTool } from './tool.ts';
 
 export type CheckStatus = 'pass' | 'warn' | 'fail';
 
@@ -221,7 +221,7 @@ const checks: Record<CheckId, Check> = {
       return pass(`answers: ${table.partitions.length} partitions, ${active.length ? `active ${active.join(', ')}` : 'none active'}`);
     } catch (err) {
       if (!(err instanceof FmpmError)) throw err;
-      return fail(err.message, fmpmFix(err.code));
+      return fail(err.message, err.code === 'spawn-failed' && err.retryable ? SHORT_OF_RESOURCES_FIX : fmpmFix(err.code));
     }
   },
 
@@ -260,12 +260,16 @@ const checks: Record<CheckId, Check> = {
 
   async 'fabric-manager-version'({ host, smi }) {
     const bin = host.fabricManagerBin;
-    const r = await execa(bin, ['--version'], { timeout: FM_VERSION_TIMEOUT_MS, reject: false, stdin: 'ignore', forceKillAfterDelay: 2_000 });
-    const out = `${typeof r.stdout === 'string' ? r.stdout : ''}\n${typeof r.stderr === 'string' ? r.stderr : ''}`.trim();
+    const r = await runTool(bin, ['--version'], { timeoutMs: FM_VERSION_TIMEOUT_MS, killGraceMs: 2_000, maxBytes: 1024 * 1024 });
+    const out = `${r.stdout}\n${r.stderr}`.trim();
     if (r.timedOut) return fail(`${bin} --version did not answer within ${FM_VERSION_TIMEOUT_MS} ms`, null);
-    if (r.exitCode === undefined) {
-      return fail(`cannot run ${bin} --version (${r.code ?? r.shortMessage})`, `install nvidia-fabricmanager (it provides ${path.basename(bin)}) in the version of the host driver`);
+    if (r.spawnError) {
+      const fix = isRetryableSpawnError(r.spawnError)
+        ? SHORT_OF_RESOURCES_FIX
+        : `install nvidia-fabricmanager (it provides ${path.basename(bin)}) in the version of the host driver`;
+      return fail(`cannot run ${bin} --version (${r.spawnError.code})`, fix);
     }
+    if (r.exitCode === null) return fail(`${bin} --version was killed by ${r.signal ?? 'a signal'}${r.overflow ? ' (it printed more than 1 MiB)' : ''}`, `reinstall nvidia-fabricmanager`);
     const fm = parseFabricManagerVersion(out);
     if (r.exitCode !== 0 || fm === null) {
       return fail(`${bin} --version (exit ${r.exitCode}) printed no "Fabric Manager version is : X": ${JSON.stringify(out.slice(0, 200))}`, `reinstall nvidia-fabricmanager`);
@@ -405,6 +409,8 @@ const checks: Record<CheckId, Check> = {
     );
   },
 };
+
+const SHORT_OF_RESOURCES_FIX = 'this process ran short of file descriptors or memory: re-run, and raise its limits (ulimit -n, LimitNOFILE=) if it recurs';
 
 function fmpmFix(code: FmpmErrorCode): string | null {
   switch (code) {

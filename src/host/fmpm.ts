@@ -4,8 +4,8 @@
  * and exits with the negative fmReturn_t as a byte (-7 → 249); both are read here, the printed
  * value first.
  */
-import { execa } from 'execa';
 import { z } from 'zod';
+import { isRetryableSpawnError, runTool } from './tool.ts';
 
 export interface FmpmGpu {
   physicalId: number;
@@ -81,6 +81,8 @@ export interface FmpmErrorDetails {
   exitCode?: number;
   partitionId?: number;
   cause?: unknown;
+  /** Overrides the code's default (spawn-failed is retryable when the machine ran short: EMFILE…). */
+  retryable?: boolean;
 }
 
 export class FmpmError extends Error {
@@ -89,7 +91,8 @@ export class FmpmError extends Error {
   readonly fmReturn?: number;
   readonly exitCode?: number;
   readonly partitionId?: number;
-  /** true when retrying later can help (not-configured, cannot-connect, uninitialized, connection-not-valid, timeout) */
+  /** true when retrying later can help (not-configured, cannot-connect, uninitialized, connection-not-valid,
+   *  timeout; spawn-failed for EMFILE, ENFILE, EAGAIN, ENOMEM) */
   readonly retryable: boolean;
 
   constructor(code: FmpmErrorCode, message: string, details: FmpmErrorDetails = {}) {
@@ -98,7 +101,7 @@ export class FmpmError extends Error {
     if (details.fmReturn !== undefined) this.fmReturn = details.fmReturn;
     if (details.exitCode !== undefined) this.exitCode = details.exitCode;
     if (details.partitionId !== undefined) this.partitionId = details.partitionId;
-    this.retryable = RETRYABLE.has(code);
+    this.retryable = details.retryable ?? RETRYABLE.has(code);
   }
 }
 
@@ -316,25 +319,28 @@ export class Fmpm {
     const cmd = `fmpm (${this.bin}) ${op.args.join(' ')}`;
     const subject = op.partitionId === undefined ? '' : ` partition ${op.partitionId}`;
     const base = { partitionId: op.partitionId };
-    const result = await execa(this.bin, argv, {
-      timeout: this.timeoutMs,
-      reject: false,
-      stdin: 'ignore',
-      forceKillAfterDelay: 2_000,
-      maxBuffer: 16 * 1024 * 1024,
-    });
-    const stdout = typeof result.stdout === 'string' ? result.stdout : '';
-    const stderr = typeof result.stderr === 'string' ? result.stderr : '';
+    const result = await runTool(this.bin, argv, { timeoutMs: this.timeoutMs, killGraceMs: 2_000, maxBytes: 16 * 1024 * 1024 });
+    const { stdout, stderr } = result;
 
     if (result.timedOut) {
       throw new FmpmError('timeout', `${cmd}: no answer within ${this.timeoutMs} ms while ${op.what}${subject}; the process was killed`, base);
     }
-    if (result.exitCode === undefined) {
-      if (result.signal) {
-        throw new FmpmError('unknown', `${cmd}: killed by ${result.signal} while ${op.what}${subject}`, base);
-      }
-      const reason = result.code ?? result.shortMessage ?? 'unknown reason';
-      throw new FmpmError('spawn-failed', `${cmd}: could not start the binary (${reason}) while ${op.what}${subject}`, { ...base, cause: result.cause });
+    if (result.spawnError) {
+      // Out of descriptors or memory here is ours to wait out (retryable); a missing or
+      // non-executable binary is not.
+      const { code, message } = result.spawnError;
+      const retryable = isRetryableSpawnError(result.spawnError);
+      throw new FmpmError('spawn-failed', `${cmd}: could not start the binary (${code}) while ${op.what}${subject}${retryable ? ': out of resources, retrying later can help' : ''}`, {
+        ...base,
+        retryable,
+        cause: Object.assign(new Error(message), { code }),
+      });
+    }
+    if (result.overflow) {
+      throw new FmpmError('bad-output', `${cmd}: printed more than 16 MiB while ${op.what}${subject}; the process was killed`, base);
+    }
+    if (result.exitCode === null) {
+      throw new FmpmError('unknown', `${cmd}: killed by ${result.signal ?? 'a signal'} while ${op.what}${subject}`, base);
     }
     if (result.exitCode === 0) return stdout;
 

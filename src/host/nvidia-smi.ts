@@ -4,9 +4,9 @@
  * The text form is parsed as a tree built from indentation and `key : value` lines, never by
  * column offsets: the padding width changes between driver releases.
  */
-import { execa } from 'execa';
 import { XMLParser } from 'fast-xml-parser';
 import { pciAddressFromNvidiaBusId } from './pci.ts';
+import { isRetryableSpawnError, runTool } from './tool.ts';
 
 export interface NvidiaGpu {
   /** sysfs form, 0000:17:00.0 */
@@ -33,11 +33,15 @@ export class NvidiaSmiError extends Error {
   override name = 'NvidiaSmiError';
   readonly code: NvidiaSmiErrorCode;
   readonly exitCode?: number;
+  /** Set for spawn-failed: true when this process or the machine ran short (EMFILE, ENFILE, EAGAIN,
+   *  ENOMEM), false for a missing or non-executable binary. Unset otherwise (the worker's default). */
+  readonly retryable?: boolean;
 
-  constructor(code: NvidiaSmiErrorCode, message: string, details: { exitCode?: number; cause?: unknown } = {}) {
+  constructor(code: NvidiaSmiErrorCode, message: string, details: { exitCode?: number; cause?: unknown; retryable?: boolean } = {}) {
     super(message, details.cause === undefined ? undefined : { cause: details.cause });
     this.code = code;
     if (details.exitCode !== undefined) this.exitCode = details.exitCode;
+    if (details.retryable !== undefined) this.retryable = details.retryable;
   }
 }
 
@@ -266,23 +270,21 @@ export class NvidiaSmi {
   /** Runs `nvidia-smi -q -x`. No GPU on the nvidia driver is an empty report, not an error. */
   async query(): Promise<NvidiaSmiReport> {
     const cmd = `nvidia-smi (${this.bin}) -q -x`;
-    const result = await execa(this.bin, ['-q', '-x'], {
-      timeout: this.timeoutMs,
-      reject: false,
-      stdin: 'ignore',
-      forceKillAfterDelay: 2_000,
-      maxBuffer: 64 * 1024 * 1024,
-    });
-    const stdout = typeof result.stdout === 'string' ? result.stdout : '';
-    const stderr = typeof result.stderr === 'string' ? result.stderr : '';
+    const result = await runTool(this.bin, ['-q', '-x'], { timeoutMs: this.timeoutMs, killGraceMs: 2_000, maxBytes: 64 * 1024 * 1024 });
+    const { stdout, stderr } = result;
     if (result.timedOut) {
       throw new NvidiaSmiError('timeout', `${cmd}: no answer within ${this.timeoutMs} ms; the process was killed`);
     }
-    if (result.exitCode === undefined) {
-      if (result.signal) throw new NvidiaSmiError('failed', `${cmd}: killed by ${result.signal}`);
-      const reason = result.code ?? result.shortMessage ?? 'unknown reason';
-      throw new NvidiaSmiError('spawn-failed', `${cmd}: could not start the binary (${reason})`, { cause: result.cause });
+    if (result.spawnError) {
+      const { code, message } = result.spawnError;
+      const retryable = isRetryableSpawnError(result.spawnError);
+      throw new NvidiaSmiError('spawn-failed', `${cmd}: could not start the binary (${code})${retryable ? ': out of resources, retrying later can help' : ''}`, {
+        retryable,
+        cause: Object.assign(new Error(message), { code }),
+      });
     }
+    if (result.overflow) throw new NvidiaSmiError('bad-output', `${cmd}: printed more than 64 MiB; the process was killed`);
+    if (result.exitCode === null) throw new NvidiaSmiError('failed', `${cmd}: killed by ${result.signal ?? 'a signal'}`);
     if (result.exitCode === EXIT_NO_DEVICES && /No devices were found/i.test(stdout + stderr)) {
       return { driverVersion: null, cudaVersion: null, gpus: [] };
     }

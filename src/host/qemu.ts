@@ -10,13 +10,13 @@
  * Ids rp0..rp7 match gpu0..gpu7 so "gpuN behind rpN" reads directly; chassis and slot start at
  * 1 because 0 is the pcie-root-port default and means "unset" to some guests.
  */
-import { constants as fsConstants, openSync, closeSync } from 'node:fs';
+import { constants as fsConstants, openSync, closeSync, type Dirent } from 'node:fs';
 import { access, mkdir, readdir, readFile, rm, unlink, writeFile } from 'node:fs/promises';
 import { delimiter, isAbsolute, join, resolve } from 'node:path';
 import { spawn, type ChildProcess } from 'node:child_process';
-import { execa } from 'execa';
 import { parsePciAddress } from './pci.ts';
 import { MAX_UNIX_SOCKET_PATH_BYTES, QmpClient, QmpError } from './qmp.ts';
+import { isRetryableSpawnError, runTool } from './tool.ts';
 
 export const VM_ID_PATTERN = /^[a-z0-9][a-z0-9-]{0,62}$/;
 
@@ -44,6 +44,8 @@ export interface QemuVmSpec {
 
 export interface QemuOptions {
   bin: string;
+  /** Where process facts are read (`<procRoot>/<pid>/stat`, `…/cmdline`); default '/proc'. For tests. */
+  procRoot?: string;
   /** Per-VM directories are `<runRoot>/<vmId>/`. */
   runRoot: string;
   accel: 'kvm' | 'tcg';
@@ -65,28 +67,55 @@ export type QemuErrorCode =
   | 'qmp'
   | 'not-running'
   | 'stop-timeout'
-  /** cleanup() refused: the VM's QEMU is still alive. */
+  /** cleanup() or start() refused: the VM's QEMU is still alive (or exiting). */
   | 'still-running'
+  /** The pidfile or /proc could not be read: whether QEMU lives is not known. Retry; never proceed. */
+  | 'unknown'
   /** `--version` or `-device …,help` printed something we cannot read. */
   | 'bad-output';
 
+/** Codes where waiting and trying again can help; the others keep the worker's default handling. */
+const RETRYABLE_CODES: ReadonlySet<QemuErrorCode> = new Set(['unknown', 'still-running', 'stop-timeout']);
+
 export class QemuError extends Error {
+  /** true for 'unknown', 'still-running' and 'stop-timeout' (and a probe that could not be spawned for
+   *  lack of resources); unset (the worker's default) otherwise. */
+  readonly retryable?: boolean;
   constructor(
     readonly code: QemuErrorCode,
     message: string,
     readonly vmId?: string,
-    options?: { cause?: unknown },
+    options?: { cause?: unknown; retryable?: boolean },
   ) {
-    super(message, options);
+    super(message, options?.cause === undefined ? undefined : { cause: options.cause });
     this.name = 'QemuError';
+    const retryable = options?.retryable ?? (RETRYABLE_CODES.has(code) ? true : undefined);
+    if (retryable !== undefined) this.retryable = retryable;
   }
 }
 
+/**
+ * What an observation of a VM's QEMU found (DESIGN §3.2):
+ *  - `alive`: the pidfile names a process that is not a zombie and whose cmdline carries this VM's
+ *    `-pidfile`, or whose cmdline is empty (an exiting process: it may still hold VFIO fds);
+ *  - `gone`: no pidfile, no such process, a zombie, or a pid recycled by another program;
+ *  - `unknown`: the pidfile or /proc could not be read (`error` says why). Retry; never proceed.
+ */
+export type QemuLiveness = 'alive' | 'gone' | 'unknown';
+
 export interface QemuStatus {
-  running: boolean;
+  state: QemuLiveness;
+  /** The process when alive; the pidfile's pid when unknown, if it could be read; null when gone. */
   pid: number | null;
   qmpStatus?: string;
+  /** Why the observation failed (state `unknown` only). */
+  error?: string;
 }
+
+/** A QEMU found under the run folder that was not observed gone. */
+export type RunningQemu =
+  | { vmId: string; state: 'alive'; pid: number }
+  | { vmId: string; state: 'unknown'; pid: number | null; error: string };
 
 const DEFAULT_STAND_IN_DEVICE = 'edu';
 const DEFAULT_START_TIMEOUT_MS = 60_000;
@@ -244,16 +273,20 @@ export function buildQemuArgs(
   return args;
 }
 
-/** `/proc/<pid>/stat`: the state letter follows the last `)` (comm may itself contain parentheses). */
-export function parseProcStat(text: string): { pid: number; comm: string; state: string } {
+/** `/proc/<pid>/stat`: the state letter follows the last `)` (comm may itself contain parentheses);
+ *  `flags` (field 9) when the line has it. */
+export function parseProcStat(text: string): { pid: number; comm: string; state: string; flags?: number } {
   const open = text.indexOf('(');
   const close = text.lastIndexOf(')');
   if (open < 0 || close < open) throw new Error(`unreadable /proc stat line: ${JSON.stringify(text.slice(0, 100))}`);
-  return {
-    pid: Number(text.slice(0, open).trim()),
-    comm: text.slice(open + 1, close),
-    state: text.slice(close + 1).trim().split(/\s+/)[0] ?? '',
-  };
+  const rest = text.slice(close + 1).trim().split(/\s+/);
+  const pid = Number(text.slice(0, open).trim());
+  const state = rest[0] ?? '';
+  if (!Number.isSafeInteger(pid) || pid <= 0 || !/^[A-Za-z]$/.test(state)) {
+    throw new Error(`unreadable /proc stat line: ${JSON.stringify(text.slice(0, 100))}`);
+  }
+  const flags = rest[6] !== undefined && /^\d+$/.test(rest[6]) ? Number(rest[6]) : undefined;
+  return { pid, comm: text.slice(open + 1, close), state, ...(flags === undefined ? {} : { flags }) };
 }
 
 /** `qemu-system-x86_64` on PATH, or null. */
@@ -274,37 +307,69 @@ export async function findQemuBinary(): Promise<string | null> {
 // ---------------------------------------------------------------------------------------------
 // Process inspection
 
-interface LiveProcess {
-  pid: number;
-  argv: string[];
-}
+/** PF_KTHREAD in /proc/<pid>/stat flags: a kernel thread (empty cmdline, never a QEMU). */
+const PF_KTHREAD = 0x00200000;
 
-async function readPidfile(path: string): Promise<number | null> {
+/**
+ * One observation of a VM's QEMU (see QemuStatus). `confirmed`: the cmdline names this VM's
+ * pidfile, so signals may go to `pid`; an exiting process (empty cmdline) is alive but unconfirmed.
+ */
+type Observation =
+  | { state: 'alive'; pid: number; argv: string[]; confirmed: boolean }
+  | { state: 'gone'; pid: null; why: string }
+  | { state: 'unknown'; pid: number | null; error: string };
+
+const errnoOf = (err: unknown): string | undefined => (err as NodeJS.ErrnoException)?.code;
+const describeErr = (err: unknown): string => (err instanceof Error ? err.message : String(err));
+
+async function readPidfile(path: string): Promise<{ pid: number } | { absent: true } | { error: string }> {
   let text: string;
   try {
     text = await readFile(path, 'utf8');
-  } catch {
-    return null;
+  } catch (err) {
+    // No pidfile (with or without its folder): QEMU removes it when it exits, and a VM that never
+    // started has none. Any other failure (EMFILE, EACCES, EISDIR, EIO…) tells nothing.
+    if (errnoOf(err) === 'ENOENT') return { absent: true };
+    return { error: `cannot read pidfile ${path}: ${describeErr(err)}` };
   }
   const t = text.trim();
-  if (!/^\d+$/.test(t)) return null;
-  const pid = Number(t);
-  return pid > 0 ? pid : null;
+  const pid = /^\d{1,10}$/.test(t) ? Number(t) : 0;
+  if (pid <= 0 || pid > 0x3fffffff) return { error: `pidfile ${path} holds ${JSON.stringify(text.slice(0, 40))}, not a pid` };
+  return { pid };
 }
 
-/** The process if it exists, is not a zombie, and its argv carries `-pidfile <pidfile>`: a
- *  recycled pid belongs to some other program and does not match. */
-async function inspectProcess(pid: number, pidfile: string): Promise<LiveProcess | null> {
+/** The process behind `pid`, judged against the VM's pidfile (rules at QemuStatus). */
+async function inspectProcess(procRoot: string, pid: number, pidfile: string): Promise<Observation> {
+  const gone = (why: string): Observation => ({ state: 'gone', pid: null, why });
+  const unknown = (what: string, err: unknown): Observation => ({ state: 'unknown', pid, error: `cannot read ${what}: ${describeErr(err)}` });
+  const isGone = (err: unknown) => errnoOf(err) === 'ENOENT' || errnoOf(err) === 'ESRCH';
+
+  const statPath = join(procRoot, String(pid), 'stat');
+  let stat: ReturnType<typeof parseProcStat>;
   try {
-    const { state } = parseProcStat(await readFile(`/proc/${pid}/stat`, 'utf8'));
-    if (state === 'Z' || state === 'X' || state === 'x') return null;
-    const argv = (await readFile(`/proc/${pid}/cmdline`, 'utf8')).split('\0');
-    if (argv.at(-1) === '') argv.pop();
-    const matches = argv.some((a, i) => a === pidfile && argv[i - 1] === '-pidfile');
-    return matches ? { pid, argv } : null;
-  } catch {
-    return null; // gone
+    stat = parseProcStat(await readFile(statPath, 'utf8'));
+  } catch (err) {
+    return isGone(err) ? gone(`no process ${pid}`) : unknown(statPath, err);
   }
+  if (stat.state === 'Z' || stat.state === 'X' || stat.state === 'x') return gone(`process ${pid} is a zombie`); // its files are closed
+  const cmdlinePath = join(procRoot, String(pid), 'cmdline');
+  let cmdline: string;
+  try {
+    cmdline = await readFile(cmdlinePath, 'utf8');
+  } catch (err) {
+    return isGone(err) ? gone(`no process ${pid}`) : unknown(cmdlinePath, err);
+  }
+  if (cmdline === '') {
+    // A kernel thread took the pid; otherwise the process is exiting: Linux empties cmdline when it
+    // drops its memory, before it closes its files (VFIO fds included). Alive, identity unconfirmed.
+    if (stat.flags !== undefined && (stat.flags & PF_KTHREAD) !== 0) return gone(`pid ${pid} is a kernel thread now`);
+    return { state: 'alive', pid, argv: [], confirmed: false };
+  }
+  const argv = cmdline.split('\0');
+  if (argv.at(-1) === '') argv.pop();
+  // A recycled pid belongs to some other program and does not match.
+  const matches = argv.some((a, i) => a === pidfile && argv[i - 1] === '-pidfile');
+  return matches ? { state: 'alive', pid, argv, confirmed: true } : gone(`pid ${pid} is another program now`);
 }
 
 const sleep = (ms: number) => new Promise<void>((r) => setTimeout(r, ms));
@@ -321,7 +386,7 @@ async function tail(path: string, maxChars = 2_000): Promise<string> {
 // ---------------------------------------------------------------------------------------------
 
 export class Qemu {
-  readonly #opts: QemuOptions & { runRoot: string };
+  readonly #opts: QemuOptions & { runRoot: string; procRoot: string };
   readonly #exitListeners: ((vmId: string) => void)[] = [];
   #version: Promise<QemuVersion> | undefined;
   #vfioProps: Promise<Set<string>> | undefined;
@@ -331,7 +396,7 @@ export class Qemu {
   constructor(opts: QemuOptions) {
     if (!opts.bin) throw new QemuError('bad-spec', 'QEMU binary path is empty');
     if (opts.runRoot.includes('\0')) throw new QemuError('bad-spec', `invalid runRoot ${JSON.stringify(opts.runRoot)}`);
-    this.#opts = { ...opts, runRoot: resolve(opts.runRoot) };
+    this.#opts = { ...opts, runRoot: resolve(opts.runRoot), procRoot: opts.procRoot ?? '/proc' };
   }
 
   version(): Promise<QemuVersion> {
@@ -353,12 +418,20 @@ export class Qemu {
   }
 
   async #probe(args: string[]): Promise<string> {
-    try {
-      const r = await execa(this.#opts.bin, args, { timeout: PROBE_TIMEOUT_MS, stdin: 'ignore' });
-      return `${r.stdout}\n${r.stderr}`;
-    } catch (err) {
-      throw new QemuError('spawn', `${this.#opts.bin} ${args.join(' ')} failed: ${(err as Error).message}`, undefined, { cause: err });
+    const cmd = `${this.#opts.bin} ${args.join(' ')}`;
+    const r = await runTool(this.#opts.bin, args, { timeoutMs: PROBE_TIMEOUT_MS, maxBytes: 4 * 1024 * 1024 });
+    if (r.spawnError) {
+      const { code, message } = r.spawnError;
+      const retryable = isRetryableSpawnError(r.spawnError);
+      throw new QemuError('spawn', `${cmd} failed: cannot start it (${code}: ${message})`, undefined, { cause: Object.assign(new Error(message), { code }), retryable });
     }
+    let why: string | null = null;
+    if (r.timedOut) why = `no answer within ${PROBE_TIMEOUT_MS} ms; the process was killed`;
+    else if (r.overflow) why = 'it printed more than 4 MiB; the process was killed';
+    else if (r.exitCode === null) why = `killed by ${r.signal ?? 'a signal'}`;
+    else if (r.exitCode !== 0) why = `exit ${r.exitCode}: ${[r.stdout.trim(), r.stderr.trim()].filter((t) => t !== '').join(' / ').slice(0, 500) || '(no output)'}`;
+    if (why) throw new QemuError('spawn', `${cmd} failed: ${why}`);
+    return `${r.stdout}\n${r.stderr}`;
   }
 
   runDir(vmId: string): string {
@@ -371,10 +444,18 @@ export class Qemu {
     return { dir, pidfile: join(dir, PIDFILE_NAME), qmpSocket: join(dir, QMP_SOCKET_NAME), log: join(dir, LOG_NAME) };
   }
 
-  async #live(vmId: string): Promise<LiveProcess | null> {
+  /** One observation: pidfile, then /proc. Never throws for a failed read: that is `unknown`. */
+  async #observe(vmId: string): Promise<Observation> {
     const { pidfile } = this.#paths(vmId);
-    const pid = await readPidfile(pidfile);
-    return pid === null ? null : inspectProcess(pid, pidfile);
+    const read = await readPidfile(pidfile);
+    if ('absent' in read) return { state: 'gone', pid: null, why: `no pidfile ${pidfile}` };
+    if ('error' in read) return { state: 'unknown', pid: null, error: read.error };
+    return inspectProcess(this.#opts.procRoot, read.pid, pidfile);
+  }
+
+  #unknownError(vmId: string, o: { pid: number | null; error: string }, refusing: string): QemuError {
+    const pid = o.pid === null ? '' : ` (pid ${o.pid})`;
+    return new QemuError('unknown', `VM ${vmId}: cannot tell whether QEMU${pid} is alive — ${o.error}; ${refusing}`, vmId);
   }
 
   #withLock<T>(vmId: string, fn: () => Promise<T>): Promise<T> {
@@ -400,9 +481,14 @@ export class Qemu {
     const { vmId } = spec;
     const paths = this.#paths(vmId);
 
-    // Observe first: a QEMU left by an earlier gpuvm (or an earlier attempt) is the VM.
-    const existing = await this.#live(vmId);
-    if (existing) return { pid: existing.pid, alreadyRunning: true, args: existing.argv.slice(1) };
+    // Observe first: a QEMU left by an earlier gpuvm (or an earlier attempt) is the VM. Only an
+    // observed `gone` lets a new one start: a second QEMU must never race the first for the GPUs.
+    const existing = await this.#observe(vmId);
+    if (existing.state === 'unknown') throw this.#unknownError(vmId, existing, 'not starting another QEMU');
+    if (existing.state === 'alive') {
+      if (existing.confirmed) return { pid: existing.pid, alreadyRunning: true, args: existing.argv.slice(1) };
+      throw new QemuError('still-running', `VM ${vmId}: pid ${existing.pid} of its pidfile is exiting (empty cmdline); not starting another QEMU until it is gone`, vmId);
+    }
 
     const version = await this.version();
     const args = [
@@ -436,9 +522,8 @@ export class Qemu {
     const logFd = openSync(paths.log, 'a');
     let child: ChildProcess;
     try {
-      // node's spawn rather than execa here: execa (async) cannot hand a file descriptor to the
-      // child — its `{file}` stdout pipes through our process, and QEMU would lose its stdout
-      // (SIGPIPE) when gpuvm dies. Detached in its own session with stdio on the log file, QEMU
+      // node's spawn rather than runTool here: QEMU's stdout and stderr go straight to the log
+      // file (a pipe through our process would SIGPIPE QEMU when gpuvm dies). Detached in its own session with stdio on the log file, QEMU
       // outlives gpuvm; the pidfile is how a later gpuvm finds it. No timeout on the process
       // itself (it runs for the life of the VM); start-up is bounded below.
       child = spawn(this.#opts.bin, args, { detached: true, stdio: ['ignore', logFd, logFd], cwd: paths.dir });
@@ -479,14 +564,15 @@ export class Qemu {
       return new QemuError('exited', `VM ${vmId}: QEMU exited during start (${how}); ${paths.log}:\n${await tail(paths.log)}`, vmId);
     };
 
-    let live: LiveProcess | null = null;
+    let live: { pid: number } | null = null;
     while (!live) {
       if (proc.exited) return fail(await exitedError(proc.exited));
       if (Date.now() > deadline) {
         return fail(new QemuError('start-timeout', `VM ${vmId}: no pidfile ${paths.pidfile} within ${timeoutMs} ms`, vmId));
       }
-      live = await this.#live(vmId);
-      if (!live) await sleep(POLL_MS);
+      const o = await this.#observe(vmId);
+      if (o.state === 'alive' && o.confirmed) live = o;
+      else await sleep(POLL_MS);
     }
 
     let qmpStatus: string | undefined;
@@ -517,12 +603,13 @@ export class Qemu {
     return { pid: live.pid, alreadyRunning: false, args };
   }
 
-  /** Running = pidfile names a live, non-zombie process whose argv carries this VM's pidfile.
-   *  With `queryQmp`, also asks QEMU for its run state (left unset if QMP does not answer). */
+  /** alive / gone / unknown, by the rules at QemuStatus. With `queryQmp`, also asks a live QEMU
+   *  for its run state (left unset if QMP does not answer). */
   async status(vmId: string, opts: { queryQmp?: boolean; timeoutMs?: number } = {}): Promise<QemuStatus> {
-    const live = await this.#live(vmId);
-    if (!live) return { running: false, pid: null };
-    const status: QemuStatus = { running: true, pid: live.pid };
+    const o = await this.#observe(vmId);
+    if (o.state === 'gone') return { state: 'gone', pid: null };
+    if (o.state === 'unknown') return { state: 'unknown', pid: o.pid, error: o.error };
+    const status: QemuStatus = { state: 'alive', pid: o.pid };
     if (opts.queryQmp) {
       let qmp: QmpClient | undefined;
       try {
@@ -545,27 +632,36 @@ export class Qemu {
     this.#exitListeners.push(listener);
   }
 
-  /** Every live QEMU under the run folder, by VM id: what the host runs, whatever the log says. */
-  async running(): Promise<{ vmId: string; pid: number }[]> {
-    let names: string[];
+  /**
+   * Every QEMU under the run folder not observed `gone`, by VM id: what the host runs, whatever the
+   * log says. A VM whose observation failed is listed as `unknown` (with its pidfile's pid if read),
+   * never dropped: that would read as evidence the QEMU is gone. A run folder that cannot be listed
+   * throws.
+   */
+  async running(): Promise<RunningQemu[]> {
+    let entries: Dirent[];
     try {
-      names = await readdir(this.#opts.runRoot);
+      entries = await readdir(this.#opts.runRoot, { withFileTypes: true });
     } catch (err) {
-      if ((err as NodeJS.ErrnoException).code === 'ENOENT') return [];
+      if (errnoOf(err) === 'ENOENT') return [];
       throw err;
     }
-    const live: { vmId: string; pid: number }[] = [];
-    for (const vmId of names.filter((n) => VM_ID_PATTERN.test(n)).sort()) {
-      const proc = await this.#live(vmId);
-      if (proc) live.push({ vmId, pid: proc.pid });
+    const found: RunningQemu[] = [];
+    // Only folders can hold a pidfile; a stray file named like a VM is no QEMU.
+    const names = entries.filter((e) => e.isDirectory() && VM_ID_PATTERN.test(e.name)).map((e) => e.name);
+    for (const vmId of names.sort()) {
+      const o = await this.#observe(vmId);
+      if (o.state === 'alive') found.push({ vmId, state: 'alive', pid: o.pid });
+      else if (o.state === 'unknown') found.push({ vmId, state: 'unknown', pid: o.pid, error: o.error });
     }
-    return live;
+    return found;
   }
 
   /** A negotiated QMP connection to a running VM; the caller closes it. */
   async connect(vmId: string, opts: { timeoutMs?: number } = {}): Promise<QmpClient> {
-    const live = await this.#live(vmId);
-    if (!live) throw new QemuError('not-running', `VM ${vmId}: no running QEMU (pidfile ${this.#paths(vmId).pidfile})`, vmId);
+    const live = await this.#observe(vmId);
+    if (live.state === 'unknown') throw this.#unknownError(vmId, live, 'not connecting to QMP');
+    if (live.state === 'gone') throw new QemuError('not-running', `VM ${vmId}: no running QEMU (pidfile ${this.#paths(vmId).pidfile})`, vmId);
     try {
       return await QmpClient.connect(this.#paths(vmId).qmpSocket, { timeoutMs: opts.timeoutMs ?? 5_000 });
     } catch (err) {
@@ -575,22 +671,31 @@ export class Qemu {
 
   /** Press the ACPI power button. The guest decides what to do; the caller waits and times out. */
   async powerdown(vmId: string): Promise<'sent' | 'not-running'> {
-    if (!(await this.#live(vmId))) return 'not-running';
+    const first = await this.#observe(vmId);
+    if (first.state === 'gone') return 'not-running';
+    if (first.state === 'unknown') throw this.#unknownError(vmId, first, 'not pressing the power button');
     let qmp: QmpClient | undefined;
     try {
       qmp = await this.connect(vmId);
       await qmp.execute('system_powerdown');
       return 'sent';
     } catch (err) {
-      if (!(await this.#live(vmId))) return 'not-running';
+      // 'not-running' only from an observed `gone`; a failed read after a failed QMP call is unknown.
+      const after = await this.#observe(vmId);
+      if (after.state === 'gone') return 'not-running';
+      if (after.state === 'unknown') throw this.#unknownError(vmId, after, `system_powerdown failed (${(err as Error).message})`);
       throw err instanceof QemuError ? err : new QemuError('qmp', `VM ${vmId}: system_powerdown failed: ${(err as Error).message}`, vmId, { cause: err });
     } finally {
       await qmp?.close();
     }
   }
 
-  /** quit over QMP → wait → SIGTERM → wait → SIGKILL → wait; resolves once the process is gone.
-   *  Each signal goes only to a pid whose /proc cmdline still names this VM's pidfile. */
+  /**
+   * quit over QMP → wait → SIGTERM → wait → SIGKILL → wait; resolves once the process is observed
+   * gone. 'not-running' only from an observation of `gone`; a failed observation throws
+   * QemuError('unknown') (retryable). Each signal goes only to a pid whose /proc cmdline still
+   * names this VM's pidfile; an exiting process (empty cmdline) is waited for, never signalled.
+   */
   async terminate(vmId: string, opts: { quitTimeoutMs?: number; termTimeoutMs?: number } = {}): Promise<'not-running' | 'quit' | 'sigterm' | 'sigkill'> {
     validateVmId(vmId);
     return this.#withLock(vmId, () => this.#terminate(vmId, opts));
@@ -599,19 +704,29 @@ export class Qemu {
   async #terminate(vmId: string, opts: { quitTimeoutMs?: number; termTimeoutMs?: number }): Promise<'not-running' | 'quit' | 'sigterm' | 'sigkill'> {
     const quitTimeoutMs = opts.quitTimeoutMs ?? 10_000;
     const termTimeoutMs = opts.termTimeoutMs ?? 10_000;
-    const first = await this.#live(vmId);
-    if (!first) return 'not-running';
+    const first = await this.#observe(vmId);
+    if (first.state === 'gone') return 'not-running';
+    if (first.state === 'unknown') throw this.#unknownError(vmId, first, 'not stopping it');
     const { pid } = first;
 
+    let last = first as Observation;
+    /** Gone, or the pidfile now names another process (a new QEMU of this VM is not ours to stop). */
     const goneWithin = async (ms: number): Promise<boolean> => {
       const until = Date.now() + ms;
       for (;;) {
-        const live = await this.#live(vmId);
-        if (!live || live.pid !== pid) return true;
+        last = await this.#observe(vmId);
+        if (last.state === 'gone' || (last.state === 'alive' && last.pid !== pid)) return true;
         if (Date.now() >= until) return false;
         await sleep(POLL_MS);
       }
     };
+
+    if (!first.confirmed) {
+      // Exiting already (empty cmdline): whose it is cannot be confirmed, so no signal; wait.
+      if (await goneWithin(quitTimeoutMs + termTimeoutMs)) return 'not-running';
+      if (last.state === 'unknown') throw this.#unknownError(vmId, last, 'not stopping it');
+      throw new QemuError('stop-timeout', `VM ${vmId}: pid ${pid} of its pidfile is still exiting (empty cmdline) after ${quitTimeoutMs + termTimeoutMs} ms; not signalling a process whose identity cannot be confirmed`, vmId);
+    }
 
     // 1. quit over QMP, all within quitTimeoutMs. QMP busy (one client at a time) or hung:
     //    fall through to signals.
@@ -639,24 +754,29 @@ export class Qemu {
       ['SIGTERM', termTimeoutMs, 'sigterm'],
       ['SIGKILL', 10_000, 'sigkill'],
     ] as const) {
-      const live = await this.#live(vmId);
-      if (!live || live.pid !== pid) return previous; // it went away on its own just now
-      try {
-        process.kill(pid, signal);
-      } catch {
-        // exited between the check and the signal
-      }
+      const now = await this.#observe(vmId);
+      if (now.state === 'gone' || (now.state === 'alive' && now.pid !== pid)) return previous; // it went away on its own just now
+      if (now.state === 'unknown') throw this.#unknownError(vmId, now, `not sending ${signal} to pid ${pid}`);
+      if (now.confirmed) {
+        try {
+          process.kill(pid, signal);
+        } catch {
+          // exited between the check and the signal
+        }
+      } // else exiting (empty cmdline): no signal to an unconfirmed pid; wait for it
       if (await goneWithin(waitMs)) return result;
       if (result === 'sigterm') previous = result;
     }
+    if (last.state === 'unknown') throw this.#unknownError(vmId, last, 'cannot confirm it stopped');
     throw new QemuError('stop-timeout', `VM ${vmId}: QEMU pid ${pid} still alive after SIGKILL`, vmId);
   }
 
-  /** Remove the VM's run directory once its QEMU is gone. */
+  /** Remove the VM's run directory (pidfile, QMP socket, log) once its QEMU is observed gone:
+   *  removing them from under a live QEMU would orphan it. */
   async cleanup(vmId: string): Promise<void> {
-    const live = await this.#live(vmId);
-    if (live) throw new QemuError('still-running', `VM ${vmId}: QEMU pid ${live.pid} still running; terminate it before cleanup`, vmId);
+    const o = await this.#observe(vmId);
+    if (o.state === 'alive') throw new QemuError('still-running', `VM ${vmId}: QEMU pid ${o.pid} still running; terminate it before cleanup`, vmId);
+    if (o.state === 'unknown') throw this.#unknownError(vmId, o, `not removing ${this.#paths(vmId).dir}`);
     await rm(this.#paths(vmId).dir, { recursive: true, force: true });
   }
 }
-

@@ -462,7 +462,7 @@ export async function runSchedule(host: ScheduleHost, schedule: Schedule, run: S
           // A QEMU can only die once it runs: wait for that (or for the VM to end without one).
           if (vm) await waitForState(api, vm.id, ['running', 'failed', 'crashed', 'deleted'], 30_000);
           const status = vm ? await host.qemu.status(vm.id) : null;
-          if (!vm || !status?.running || !status.pid) {
+          if (!vm || status?.state !== 'alive' || !status.pid) {
             note(what, vm ? 'no live QEMU' : 'no VM yet');
             break;
           }
@@ -523,7 +523,9 @@ function startLivenessSampler(host: ScheduleHost, run: ScheduleRun): { stop: () 
     busy = (async () => {
       for (const vm of run.vms) {
         const before = Date.now();
-        if ((await host.qemu.status(vm.id).catch(() => ({ running: false }))).running) bumpAlive(run, vm.id, before);
+        // Unknown counts as alive: a failed read is no evidence the QEMU had exited.
+        const state = (await host.qemu.status(vm.id).catch(() => null))?.state;
+        if (state === 'alive' || state === 'unknown') bumpAlive(run, vm.id, before);
       }
     })().finally(() => (busy = null));
   }, 100);

@@ -350,7 +350,7 @@ export async function startSimKernel(root: string): Promise<{ pid: number; start
   if (running !== null && isKernelOf(running, abs)) return { pid: running, started: false };
   await rm(path.join(abs, 'kernel.pid'), { force: true });
 
-  // A daemon, not a command: spawned detached and left running, so no execa timeout applies.
+  // A daemon, not a command: spawned detached and left running, so no tool timeout applies.
   const tsx = createRequire(import.meta.url).resolve('tsx');
   const logFile = path.join(abs, 'kernel.log');
   const out = fs.openSync(logFile, 'a');
