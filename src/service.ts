@@ -85,6 +85,10 @@ export async function startService(config: Config, opts: StartOptions = {}): Pro
     log.info({ database: db.kind === 'postgres' ? 'postgres' : `pglite at ${join(config.dataDir, 'pglite')}` }, 'database ready');
 
     const hostConfig = opts.hostConfig;
+    // One agent per host, before anything on the host or its streams is touched.
+    const hostId = opts.host?.hostId ?? hostConfig?.hostId ?? config.hostId;
+    const agent = await HostAgent.start(db, hostId, { command: 'serve', heartbeatMs: config.agentHeartbeatMs, log });
+    started.push(() => agent.stop());
     const host =
       opts.host ??
       (hostConfig ? openRealHost(hostConfig, { bindTimeoutMs: config.bindTimeoutMs, toolTimeoutMs: config.toolTimeoutMs }) : null) ??
@@ -95,9 +99,6 @@ export async function startService(config: Config, opts: StartOptions = {}): Pro
     log.info({ hostId: host.hostId, qemu: host.qemuDescription }, 'host adapters ready');
 
     const policy: EffectPolicy & RetryPolicy = retryPolicy(config);
-    // One agent per host, before anything on the host or its streams is touched.
-    const agent = await HostAgent.start(db, host.hostId, { command: 'serve', heartbeatMs: config.agentHeartbeatMs, log });
-    started.push(() => agent.stop());
     await registerHost(db.kysely, host, policy, log, { expectedGpus: hostConfig?.expectedGpus });
 
     // VM sizes and the powerdown timeout: the host config file, else the service options.

@@ -7,7 +7,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { createHandlers } from '../src/engine/handlers.ts';
 import { loadSimHost, restartFabricManager } from '../src/host/sim/sim-host.ts';
 import { expectInvariantsAtRest } from './support/invariants.ts';
-import { startTestService, usingPostgres, waitUntil, type TestService } from './support/env.ts';
+import { handlerContext, startTestService, usingPostgres, waitUntil, type TestService } from './support/env.ts';
 
 let t: TestService;
 const simRoot = () => join(t.dataDir, 'sim', t.service.host.hostId);
@@ -47,8 +47,8 @@ describe(`Fabric Manager restart (${usingPostgres ? 'postgres' : 'pglite'})`, ()
     const vm = await t.service.vms.create({ gpus: 4, actor: 'test' });
     await until(vm.id, 'running');
     const h = await t.service.vms.history(vm.id);
-    // Some fmpm call was refused with NOT_CONFIGURED and retried after the guard answered.
-    const refused = h.effects.flatMap((e) => e.tries).filter((tr) => tr.outcome === 'error' && /not-configured|fmReturn: -8/.test(tr.error ?? ''));
+    // Some fmpm call was refused with NOT_CONFIGURED and waited (no try spent) until the guard answered.
+    const refused = h.effects.flatMap((e) => e.tries).filter((tr) => tr.outcome === 'waiting' && /not-configured|fmReturn: -8/.test(tr.error ?? ''));
     expect(refused.length).toBeGreaterThan(0);
     expect(await activeNow()).toEqual([vm.partition_id]);
     await t.service.vms.delete(vm.id, 'test');
@@ -64,8 +64,9 @@ describe(`Fabric Manager restart (${usingPostgres ? 'postgres' : 'pglite'})`, ()
     const params = { hostId: host.hostId, partitionId: 7, vmId: 'vm-gone000001', gpus };
     await host.fmpm.activate(7);
     const handlers = createHandlers(host);
-    await expect(handlers.confirmInactive!(params, {} as never)).rejects.toThrow(/active again after deactivation; deactivated it again/);
+    const ctx = await handlerContext(t.service, 'partition:sim-b200:7');
+    await expect(handlers.confirmInactive!(params, ctx)).rejects.toThrow(/active again after deactivation; deactivated it again/);
     expect(await activeNow()).toEqual([]);
-    await expect(handlers.confirmInactive!(params, {} as never)).resolves.toEqual({ deliver: { streamId: 'partition:sim-b200:7', event: { type: 'CONFIRMED_INACTIVE' } } });
+    await expect(handlers.confirmInactive!(params, ctx)).resolves.toEqual({ deliver: { streamId: 'partition:sim-b200:7', event: { type: 'CONFIRMED_INACTIVE' } } });
   });
 });

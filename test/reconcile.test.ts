@@ -11,7 +11,7 @@ import { createHandlers } from '../src/engine/handlers.ts';
 import type { DriftRecord } from '../src/engine/reconcile.ts';
 import { loadSimHost, restartFabricManager } from '../src/host/sim/sim-host.ts';
 import { expectInvariantsAtRest } from './support/invariants.ts';
-import { startTestService, usingPostgres, waitUntil, type TestService } from './support/env.ts';
+import { handlerContext, startTestService, usingPostgres, waitUntil, type TestService } from './support/env.ts';
 
 let t: TestService;
 const simRoot = () => join(t.dataDir, 'sim', t.service.host.hostId);
@@ -96,10 +96,10 @@ describe(`reconciliation (${usingPostgres ? 'postgres' : 'pglite'})`, () => {
     await startStrayQemu('vm-stray00002', gpu.pciAddress);
     const handlers = createHandlers(host);
     const params = { hostId: host.hostId, partitionId: 9, gpus: [{ moduleId: 2, pciAddress: gpu.pciAddress }], strayQemu: ['vm-stray00002'], drift: 'gpu-off-host-driver' };
-    await expect(handlers.repairPartition!(params, {} as never)).rejects.toThrow(/stray QEMU of vm-stray00002 .* still runs/);
+    await expect(handlers.repairPartition!(params, await handlerContext(t.service, 'partition:sim-b200:9'))).rejects.toThrow(/stray QEMU of vm-stray00002 .* still runs/);
     await host.qemu.terminate('vm-stray00002');
     await host.qemu.cleanup('vm-stray00002');
-    await expect(handlers.repairPartition!(params, {} as never)).resolves.toEqual({ deliver: { streamId: 'partition:sim-b200:9', event: { type: 'REPAIRED', actions: [] } } });
+    await expect(handlers.repairPartition!(params, await handlerContext(t.service, 'partition:sim-b200:9'))).resolves.toEqual({ deliver: { streamId: 'partition:sim-b200:9', event: { type: 'REPAIRED', actions: [] } } });
   });
 
   it('finds no drift on a healthy host while VMs are created and deleted', async () => {
@@ -173,10 +173,10 @@ describe(`reconciliation (${usingPostgres ? 'postgres' : 'pglite'})`, () => {
       expect((await t.service.vms.get(vm.id)).state).toBe('running');
       const handlers = createHandlers(host);
       const params = { hostId: host.hostId, partitionId: running.partition_id, vmId: vm.id, gpus: [] };
-      await expect(handlers.bindHost!(params, {} as never)).rejects.toThrow(new RegExp(`observing QEMU of VM ${vm.id} failed \\(.*EISDIR.*\\): a failed read is no evidence that it exited`));
-      await expect(handlers.releasePartition!(params, {} as never)).rejects.toMatchObject({ retryable: true, message: expect.stringMatching(/observing QEMU .* failed/) });
-      await expect(handlers.stopStrayQemu!({ hostId: host.hostId, vmId: 'vm-stray00003' }, {} as never)).rejects.toMatchObject({ retryable: true, message: expect.stringMatching(/observation failed/) });
-      await expect(handlers.repairPartition!({ hostId: host.hostId, partitionId: 14, gpus: [], strayQemu: ['vm-stray00003'], drift: 'gpu-off-host-driver' }, {} as never)).rejects.toThrow(/observing QEMU of VM vm-stray00003 failed/);
+      await expect(handlers.bindHost!(params, await handlerContext(t.service, 'partition:sim-b200:14'))).rejects.toThrow(new RegExp(`observing QEMU of VM ${vm.id} failed \\(.*EISDIR.*\\): a failed read is no evidence that it exited`));
+      await expect(handlers.releasePartition!(params, await handlerContext(t.service, 'partition:sim-b200:14'))).rejects.toMatchObject({ retryable: true, message: expect.stringMatching(/observing QEMU .* failed/) });
+      await expect(handlers.stopStrayQemu!({ hostId: host.hostId, vmId: 'vm-stray00003' }, await handlerContext(t.service, 'partition:sim-b200:14'))).rejects.toMatchObject({ retryable: true, message: expect.stringMatching(/observation failed/) });
+      await expect(handlers.repairPartition!({ hostId: host.hostId, partitionId: 14, gpus: [], strayQemu: ['vm-stray00003'], drift: 'gpu-off-host-driver' }, await handlerContext(t.service, 'partition:sim-b200:14'))).rejects.toThrow(/observing QEMU of VM vm-stray00003 failed/);
       expect(existsSync(join(host.qemu.runDir(vm.id), 'qmp.sock'))).toBe(true);
       expect(() => process.kill(stray.pid, 0)).not.toThrow();
     } finally {

@@ -113,7 +113,8 @@ function program(): Command {
       const hostConfig = o.config ? await loadHostConfig(o.config) : undefined;
       const config = loadConfig({ port: o.port, listenHost: o.listen, dataDir: o.dataDir, databaseUrl: o.databaseUrl, hostId: hostConfig?.hostId ?? o.hostId });
       const { startService } = await import('../service.ts');
-      const service = await startService(config, { hostConfig });
+      // Serves while it starts: health says `starting` and creates get 503 until the first reconciliation.
+      const service = await startService(config, { hostConfig, waitReady: false });
       const shutdown = async (signal: string) => {
         service.log.info({ signal }, 'stopping');
         await service.stop();

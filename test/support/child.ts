@@ -24,7 +24,15 @@ export interface ServeChild {
   kill: (signal?: NodeJS.Signals) => Promise<void>;
 }
 
-export async function startServeChild(opts: { dataDir: string; port: number; databaseUrl?: string; env?: Record<string, string>; extraArgs?: string[] }): Promise<ServeChild> {
+export async function startServeChild(opts: {
+  dataDir: string;
+  port: number;
+  databaseUrl?: string;
+  env?: Record<string, string>;
+  extraArgs?: string[];
+  /** 'ready' (default): until health says ok; 'answering': as soon as it answers (it may still be starting). */
+  waitFor?: 'ready' | 'answering';
+}): Promise<ServeChild> {
   const env: Record<string, string> = {
     ...(process.env as Record<string, string>),
     GPUVM_POWERDOWN_TIMEOUT_MS: '300',
@@ -49,7 +57,11 @@ export async function startServeChild(opts: { dataDir: string; port: number; dat
       'gpuvm serve to answer',
       async () => {
         if (proc.exitCode !== null || proc.signalCode !== null) throw new Error(`gpuvm serve exited (${proc.exitCode ?? proc.signalCode}):\n${out.slice(-2000)}`);
-        return fetch(`${url}/v1/health`).then((r) => r.ok, () => false);
+        // Answering is not enough: creates get 503 until the first reconciliation has judged the host.
+        return fetch(`${url}/v1/health`).then(
+          async (r) => r.ok && (opts.waitFor === 'answering' || ((await r.json()) as { status?: string }).status === 'ok'),
+          () => false,
+        );
       },
       60_000,
       100,

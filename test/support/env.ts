@@ -8,6 +8,7 @@ import { join } from 'node:path';
 import pino from 'pino';
 import { loadConfig, type Config } from '../../src/config.ts';
 import { startService, type Service } from '../../src/service.ts';
+import type { ClaimedEffect, EffectContext } from '../../src/engine/worker.ts';
 
 export { freshDatabaseUrl, usingPostgres } from './db.ts';
 import { freshDatabaseUrl } from './db.ts';
@@ -81,4 +82,28 @@ export async function waitUntil<T>(what: string, probe: () => Promise<T | undefi
     if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
     await new Promise((r) => setTimeout(r, everyMs));
   }
+}
+
+/**
+ * The context a worker gives a handler, for tests that call handlers by hand: a try of the stream's
+ * next step under the service's current epoch (what the host fence compares), never aborted.
+ */
+export async function handlerContext(service: Service, streamId: string): Promise<EffectContext> {
+  const row = await service.db.kysely.selectFrom('streams').select('version').where('stream_id', '=', streamId).executeTakeFirst();
+  const effect: ClaimedEffect = {
+    id: `${streamId}@${(row?.version ?? 0) + 1}#0`,
+    streamId,
+    hostId: service.host.hostId,
+    type: 'test',
+    params: {},
+    correlationId: 'test',
+    attempt: 1,
+    maxAttempts: 1,
+    claimedAt: new Date(),
+    epoch: service.agent.epoch,
+    waits: 0,
+    waitingSince: null,
+    exhausted: false,
+  };
+  return { effect, log: quietLog, signal: new AbortController().signal };
 }
