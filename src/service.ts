@@ -144,6 +144,8 @@ export async function startService(config: Config, opts: StartOptions = {}): Pro
       isReady = true;
       log.info({ hostId: host.hostId }, 'first reconciliation done: accepting creates');
     });
+    // Stopped before it was ready: whoever awaits `ready` hears it; nobody else must.
+    ready.catch(() => {});
 
     const api = await buildApi({
       vms,
