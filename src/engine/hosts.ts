@@ -8,6 +8,7 @@ import type { Kysely } from 'kysely';
 import { hostStream, partitionStream, type HostContext } from '../../machines/index.ts';
 import { takeInventory, type HostAdapters } from '../host/host.ts';
 import type { Logger } from '../log.ts';
+import { partitionRow, type PartitionRow } from '../store/projections.ts';
 import type { Database } from '../store/schema.ts';
 import { conflict, notFound } from '../errors.ts';
 import { applyEvent, inTransaction, loadSnapshot, type EffectPolicy } from './commands.ts';
@@ -98,5 +99,32 @@ export async function clearQuarantine(
       throw conflict('not-quarantined', `${target} on host ${hostId} is not quarantined`);
     }
     return { modules, partitions };
+  });
+}
+
+/**
+ * An operator's way out for a partition whose release (`broken`) or repair (`unrepaired`) failed for
+ * good: REPAIR, which observes first, waits for the holding VM's QEMU to be gone, rebinds the GPUs to
+ * the host driver and deactivates (machines/partition.ts). Returns the partition as it is now
+ * (`repairing`). A quarantined partition is not repaired here: clear-quarantine returns it.
+ */
+export async function repairPartition(
+  db: Kysely<Database>,
+  hostId: string,
+  partitionId: number,
+  actor: string,
+  policy: EffectPolicy,
+): Promise<PartitionRow> {
+  return inTransaction(db, async (tx) => {
+    if (!(await loadSnapshot(tx, hostStream(hostId)))) throw notFound(`no host ${hostId}`);
+    const streamId = partitionStream(hostId, partitionId);
+    const snapshot = await loadSnapshot(tx, streamId);
+    if (!snapshot) throw notFound(`no partition ${partitionId} on host ${hostId}`);
+    if (snapshot.state !== 'broken' && snapshot.state !== 'unrepaired') {
+      throw conflict('not-broken', `partition ${partitionId} on host ${hostId} is ${snapshot.state}, not broken or unrepaired: nothing to repair`);
+    }
+    const result = await applyEvent(tx, streamId, { type: 'REPAIR', by: actor }, { actor, correlationId: streamId, causationId: null }, policy);
+    if (result.kind !== 'changed') throw conflict('not-broken', `partition ${partitionId} on host ${hostId} cannot be repaired from ${snapshot.state}`);
+    return partitionRow(result.snapshot);
   });
 }

@@ -1,0 +1,66 @@
+/**
+ * An operator's way out: a partition whose release failed for good (`broken`) is repaired with
+ * `POST /v1/hosts/:id/repair` (`gpuvm host repair <host> --partition N`) and returns to `free` with
+ * its GPU claims dropped.
+ */
+import { execFile } from 'node:child_process';
+import { join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { promisify } from 'node:util';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { loadSimHost, writeFaults } from '../src/host/sim/sim-host.ts';
+import { expectInvariantsAtRest } from './support/invariants.ts';
+import { startTestService, usingPostgres, waitUntil, type TestService } from './support/env.ts';
+
+const BIN = fileURLToPath(new URL('../bin/gpuvm.js', import.meta.url));
+let t: TestService;
+const simRoot = () => join(t.dataDir, 'sim', t.service.host.hostId);
+
+async function api(method: string, path: string, body?: object) {
+  const res = await fetch(t.service.url + path, { method, headers: body ? { 'content-type': 'application/json' } : {}, body: body ? JSON.stringify(body) : undefined });
+  return { status: res.status, body: await res.json() };
+}
+
+const partition = (id: number) => t.service.db.kysely.selectFrom('partitions').selectAll().where('partition_id', '=', id).executeTakeFirstOrThrow();
+const claims = (id: number) => t.service.db.kysely.selectFrom('gpu_claims').selectAll().where('partition_id', '=', id).execute();
+
+describe(`operator repair (${usingPostgres ? 'postgres' : 'pglite'})`, () => {
+  beforeAll(async () => {
+    // An unbind that stays EBUSY gives up after 300 ms, three tries: broken in about a second.
+    t = await startTestService({ bindTimeoutMs: 300, effectMaxAttempts: 3 });
+  });
+  afterAll(async () => {
+    await t?.cleanup();
+  });
+
+  it('returns a broken partition to free through host repair, its claims dropped', async () => {
+    // Given a VM whose GPU will not unbind from vfio-pci when it is deleted
+    const vm = await t.service.vms.create({ gpus: 1, actor: 'test' });
+    await waitUntil('running', async () => (await t.service.vms.get(vm.id)).state === 'running', 60_000);
+    const pci = (await loadSimHost(simRoot())).gpus.find((g) => g.moduleId === vm.gpus[0]!.moduleId)!.pciAddress;
+    await writeFaults(simRoot(), { sysfs: { unbindBusy: [pci] } });
+    await t.service.vms.delete(vm.id, 'test');
+    await waitUntil('broken', async () => (await partition(vm.partition_id)).state === 'broken', 60_000);
+    expect(await claims(vm.partition_id)).toHaveLength(1);
+    expect((await t.service.vms.get(vm.id)).state).toBe('deleted');
+
+    // A partition that is not broken is refused, and so are unknown hosts and partitions
+    const free = vm.partition_id === 8 ? 9 : 8;
+    expect(await api('POST', '/v1/hosts/sim-b200/repair', { partitionId: free })).toMatchObject({ status: 409, body: { error: { code: 'not-broken' } } });
+    expect((await api('POST', '/v1/hosts/nope/repair', { partitionId: 1 })).status).toBe(404);
+    expect((await api('POST', '/v1/hosts/sim-b200/repair', { partitionId: 999 })).status).toBe(404);
+    expect((await api('POST', '/v1/hosts/sim-b200/repair', { partition: 1 })).status).toBe(400);
+
+    // When the operator has fixed the host and runs gpuvm host repair
+    await writeFaults(simRoot(), { sysfs: {} });
+    const { stdout } = await promisify(execFile)(process.execPath, [BIN, '--url', t.service.url, 'host', 'repair', 'sim-b200', '--partition', String(vm.partition_id), '--json']);
+    expect(JSON.parse(stdout)).toMatchObject({ partition_id: vm.partition_id, state: 'repairing' });
+
+    // Then the partition repairs and is free, its claims dropped, the host at rest
+    await waitUntil('free', async () => (await partition(vm.partition_id)).state === 'free', 30_000);
+    expect(await claims(vm.partition_id)).toEqual([]);
+    expect((await partition(vm.partition_id)).vm_id).toBeNull();
+    expect(await t.service.host.sysfs.driverOf(pci)).toBe(t.service.host.hostDriver);
+    await expectInvariantsAtRest(t.service);
+  }, 120_000);
+});
