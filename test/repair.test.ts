@@ -1,16 +1,19 @@
 /**
  * An operator's way out: a partition whose release failed for good (`broken`) is repaired with
  * `POST /v1/hosts/:id/repair` (`gpuvm host repair <host> --partition N`) and returns to `free` with
- * its GPU claims dropped.
+ * its GPU claims dropped. And a partition already active when gpuvm first registers the host is
+ * registered holding its GPUs and repaired (deactivated) before anything is placed on it.
  */
 import { execFile } from 'node:child_process';
+import { rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { loadSimHost, writeFaults } from '../src/host/sim/sim-host.ts';
+import { createSimHost, loadSimHost, stopSimKernel, writeFaults } from '../src/host/sim/sim-host.ts';
+import { startService } from '../src/service.ts';
 import { expectInvariantsAtRest } from './support/invariants.ts';
-import { startTestService, usingPostgres, waitUntil, type TestService } from './support/env.ts';
+import { freshDatabaseUrl, quietLog, startTestService, tempDir, testConfig, usingPostgres, waitUntil, type TestService } from './support/env.ts';
 
 const BIN = fileURLToPath(new URL('../bin/gpuvm.js', import.meta.url));
 let t: TestService;
@@ -62,5 +65,35 @@ describe(`operator repair (${usingPostgres ? 'postgres' : 'pglite'})`, () => {
     expect((await partition(vm.partition_id)).vm_id).toBeNull();
     expect(await t.service.host.sysfs.driverOf(pci)).toBe(t.service.host.hostDriver);
     await expectInvariantsAtRest(t.service);
+  }, 120_000);
+});
+
+describe(`registration (${usingPostgres ? 'postgres' : 'pglite'})`, () => {
+  it('registers a partition fmpm -l shows active as repairing, holding its claims, and deactivates it', async () => {
+    // Given a host whose partition 5 (modules 3, 4) is active before gpuvm ever ran on it
+    const dataDir = tempDir();
+    const root = join(dataDir, 'sim', 'sim-b200');
+    const db = await freshDatabaseUrl();
+    await createSimHost({ root, hostId: 'sim-b200' });
+    await promisify(execFile)(join(root, 'bin', 'fmpm'), ['-a', '5']);
+    // When gpuvm starts and registers the host
+    const service = await startService(testConfig(dataDir, db.url), { log: quietLog });
+    try {
+      // Then partition 5 registered into repairing, its modules claimed, and the repair deactivates it
+      const events = await service.db.kysely.selectFrom('events').select(['type', 'data', 'state_after']).where('stream_id', '=', 'partition:sim-b200:5').orderBy('stream_version').execute();
+      expect(events[0]).toMatchObject({ type: 'REGISTER', state_after: 'repairing', data: { active: true } });
+      const other = await service.db.kysely.selectFrom('events').select('data').where('stream_id', '=', 'partition:sim-b200:6').executeTakeFirstOrThrow();
+      expect(other.data).not.toHaveProperty('active');
+      await waitUntil('repaired', async () => (await service.db.kysely.selectFrom('partitions').select('state').where('partition_id', '=', 5).executeTakeFirstOrThrow()).state === 'free', 30_000);
+      expect((await service.host.fmpm.list()).partitions.filter((p) => p.isActive)).toEqual([]);
+      expect(await service.db.kysely.selectFrom('gpu_claims').selectAll().execute()).toEqual([]);
+      const stored = await service.db.kysely.selectFrom('hosts').select('inventory').executeTakeFirstOrThrow();
+      expect(Object.keys(stored.inventory).sort()).toEqual(['board', 'gpus', 'partitions']);
+    } finally {
+      await service.stop();
+      await stopSimKernel(root).catch(() => {});
+      await db.drop();
+      rmSync(dataDir, { recursive: true, force: true });
+    }
   }, 120_000);
 });
