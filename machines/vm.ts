@@ -13,7 +13,7 @@
  * Failure paths: the partition could not be prepared → `failed` with its reason (the partition has
  * already unwound itself); QEMU could not start → terminate whatever started, release, `failed`;
  * QEMU dies on its own while running → release, `crashed`. `failed` and `crashed` keep the record
- * (resources returned) until DELETE. DELETE is accepted in every state but `deleted`; where a step
+ * (resources returned, unless a release gave up: see below) until DELETE. DELETE is accepted in every state but `deleted`; where a step
  * is in flight it is remembered and honoured when the step completes.
  *
  * EFFECT_FAILED is taken only for the effect the state waits for: a late failure of an earlier
