@@ -1,7 +1,8 @@
 /**
  * An operator's way out: a partition whose release failed for good (`broken`) is repaired with
  * `POST /v1/hosts/:id/repair` (`gpuvm host repair <host> --partition N`) and returns to `free` with
- * its GPU claims dropped. And a partition already active when gpuvm first registers the host is
+ * its GPU claims dropped. A VM whose QEMU would not stop keeps its partition until the QEMU monitor
+ * sees the process gone. And a partition already active when gpuvm first registers the host is
  * registered holding its GPUs and repaired (deactivated) before anything is placed on it.
  */
 import { execFile } from 'node:child_process';
@@ -10,8 +11,10 @@ import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { vmStream } from '../machines/index.ts';
+import { applyEvent, inTransaction } from '../src/engine/commands.ts';
 import { createSimHost, loadSimHost, stopSimKernel, writeFaults } from '../src/host/sim/sim-host.ts';
-import { startService } from '../src/service.ts';
+import { retryPolicy, startService } from '../src/service.ts';
 import { expectInvariantsAtRest } from './support/invariants.ts';
 import { freshDatabaseUrl, quietLog, startTestService, tempDir, testConfig, usingPostgres, waitUntil, type TestService } from './support/env.ts';
 
@@ -65,6 +68,43 @@ describe(`operator repair (${usingPostgres ? 'postgres' : 'pglite'})`, () => {
     expect((await partition(vm.partition_id)).vm_id).toBeNull();
     expect(await t.service.host.sysfs.driverOf(pci)).toBe(t.service.host.hostDriver);
     await expectInvariantsAtRest(t.service);
+  }, 120_000);
+});
+
+describe(`a VM whose QEMU would not stop (${usingPostgres ? 'postgres' : 'pglite'})`, () => {
+  beforeAll(async () => {
+    t = await startTestService();
+  });
+  afterAll(async () => {
+    await t?.cleanup();
+  });
+
+  it('holds its partition in stopFailed until the monitor sees QEMU gone, then releases it', async () => {
+    // Given a running VM whose terminateQemu failed for good (driven by hand: the stop's effects never run)
+    const vm = await t.service.vms.create({ gpus: 1, actor: 'test' });
+    await waitUntil('running', async () => (await t.service.vms.get(vm.id)).state === 'running', 60_000);
+    const policy = retryPolicy(t.service.config);
+    const meta = { actor: 'test', correlationId: vm.id, causationId: null };
+    await inTransaction(t.service.db.kysely, async (tx) => {
+      for (const e of [{ type: 'DELETE' }, { type: 'POWERDOWN_TIMEOUT' }, { type: 'EFFECT_FAILED', effect: 'terminateQemu', error: 'still alive after SIGKILL' }]) {
+        await applyEvent(tx, vmStream(vm.id), e, meta, policy);
+      }
+      await tx.updateTable('effects').set({ status: 'failed' }).where('stream_id', '=', vmStream(vm.id)).where('status', 'in', ['pending', 'running']).execute();
+    });
+    expect((await t.service.vms.get(vm.id)).state).toBe('stopFailed');
+    await t.service.monitor.check();
+    expect((await t.service.vms.get(vm.id)).state).toBe('stopFailed'); // QEMU still runs: the partition stays held
+    expect((await partition(vm.partition_id)).state).toBe('ready');
+
+    // When the process is finally gone
+    process.kill((await t.service.host.qemu.status(vm.id)).pid!, 'SIGKILL');
+    await waitUntil('QEMU gone', async () => !(await t.service.host.qemu.status(vm.id)).running);
+    await t.service.monitor.check();
+
+    // Then the VM releases its partition and is deleted, as asked
+    await waitUntil('deleted', async () => (await t.service.vms.get(vm.id)).state === 'deleted', 30_000);
+    expect((await partition(vm.partition_id)).state).toBe('free');
+    expect(await claims(vm.partition_id)).toEqual([]);
   }, 120_000);
 });
 
