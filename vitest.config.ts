@@ -4,7 +4,7 @@ import { defineConfig } from 'vitest/config';
  * Test files that never open a database (adapters, simulators, machines, stored histories). With
  * DATABASE_URL set, the run is about the Postgres path, so they are left to the embedded run.
  */
-const DATABASE_FREE = ['doctor', 'fmpm', 'history-fixtures', 'host-config', 'machines', 'nvidia-smi', 'qemu', 'qmp', 'sim-host', 'sysfs'];
+const DATABASE_FREE = ['doctor', 'fmpm', 'history-fixtures', 'host-config', 'machines', 'nvidia-smi', 'qemu', 'qmp', 'reachability', 'sim-host', 'sysfs'];
 
 // The tests start many Node processes (simulated tools, the QEMU stand-in, `gpuvm serve` children);
 // none makes a TLS connection, and loading an extra CA bundle roughly doubles each one's start.

@@ -78,6 +78,7 @@ export const hostMachine = setup({
     countDrift: assign({ driftsDetected: ({ context }) => (context.driftsDetected ?? 0) + 1 }),
   },
   guards: {
+    stopStrayQemuFailed: ({ event }) => event.type === 'EFFECT_FAILED' && event.effect === 'stopStrayQemu',
     strayQemu: ({ event }) => event.type === 'DRIFT_DETECTED' && event.drift === 'qemu-without-vm' && event.vmId !== null,
     notYetQuarantined: ({ context, event }) => event.type === 'GPU_UNHEALTHY' && !(String(event.moduleId) in context.quarantinedModules),
     somethingToClear: ({ context, event }) =>
@@ -127,7 +128,7 @@ export const hostMachine = setup({
         // The repair's outcome, on the record next to the drift that asked for it.
         STRAY_QEMU_STOPPED: { actions: assign({ lastStrayQemuStopped: ({ event }) => event.vmId }) },
         // On the record for the operator; the reconciler's next pass finds the QEMU again and retries.
-        EFFECT_FAILED: { actions: assign({ lastEffectFailure: ({ event }) => `${event.effect}: ${event.error}` }) },
+        EFFECT_FAILED: { guard: 'stopStrayQemuFailed', actions: assign({ lastEffectFailure: ({ event }) => `${event.effect}: ${event.error}` }) },
         CLEAR_QUARANTINE: {
           guard: 'somethingToClear',
           actions: assign({

@@ -27,14 +27,28 @@
  * takes its GPUs' claims and repairs the host in the safe direction:
  *   free | quarantined ──DRIFT_DETECTED──▶ repairing [repairPartition]   once no stray QEMU lives: GPUs
  *        back to the host driver, fmpm -d, confirmed by fmpm -l
+ *   new ──REGISTER(active)──▶ repairing   fmpm -l showed it active before gpuvm ever activated it
+ *   ready ──DRIFT_DETECTED(vm-ended)──▶ repairing   its VM ended without releasing it (QEMU never seen
+ *        gone): the repair waits for that QEMU first
+ *   broken | unrepaired ──REPAIR(operator)──▶ repairing   an operator's way out
  *   repairing ──REPAIRED──▶ free (or back to quarantined)
  *            ──EFFECT_FAILED──▶ unrepaired     claims kept; the reconciler tries again on its next pass
+ * A repair that ends a VM's cycle (from ready or broken: the VM id is still held) counts that cycle
+ * as failed, as the release path does: the cycle did not unwind by itself, and whatever broke it is
+ * not known to be fixed, so a second such cycle in a row quarantines the partition.
+ *
+ * EFFECT_FAILED is taken only for the effect the state waits for (its entry effect); a late failure
+ * of an earlier state's effect is recorded by the engine and ignored.
  *
  * Pure: no I/O, no clock, no randomness. Effects are named actions with params.
  */
 import { assign, setup } from 'xstate';
 
-export const PARTITION_MACHINE_VERSION = 1;
+/**
+ * 2: EFFECT_FAILED names its effect; REGISTER may find the partition active; ready takes vm-ended
+ * drift; REPAIR; a repair ending a VM's cycle counts it as failed.
+ */
+export const PARTITION_MACHINE_VERSION = 2;
 
 export interface PartitionGpu {
   moduleId: number;
@@ -62,7 +76,8 @@ export interface PartitionContext {
 export const PARTITION_FAILURES_BEFORE_QUARANTINE = 2;
 
 export type PartitionEvent =
-  | { type: 'REGISTER'; hostId: string; partitionId: number; gpus: PartitionGpu[] }
+  /** `active`: fmpm -l showed it active at registration (absent in older histories: false); `strayQemu`: QEMUs alive then. */
+  | { type: 'REGISTER'; hostId: string; partitionId: number; gpus: PartitionGpu[]; active?: boolean; strayQemu?: string[] }
   | { type: 'CLAIM'; vmId: string }
   | { type: 'GPUS_READY' }
   | { type: 'ACTIVATED'; outcome: 'activated' | 'already-active' }
@@ -75,7 +90,8 @@ export type PartitionEvent =
   | { type: 'EFFECT_FAILED'; effect: string; error: string }
   | { type: 'CLEAR_QUARANTINE'; by: string }
   | { type: 'DRIFT_DETECTED'; drift: PartitionDrift; detail: string; strayQemu: string[] }
-  | { type: 'REPAIRED'; actions: string[] };
+  | { type: 'REPAIRED'; actions: string[] }
+  | { type: 'REPAIR'; by: string };
 
 /** What the reconciler saw on the host that the log says cannot be. */
 export type PartitionDrift =
@@ -84,7 +100,13 @@ export type PartitionDrift =
   /** One of its GPUs is on vfio-pci, or on no driver, while no VM holds it. */
   | 'gpu-off-host-driver'
   /** A repair failed earlier; the reconciler tries again. */
-  | 'repair-retry';
+  | 'repair-retry'
+  /** Ready under a VM the log shows ended (or does not know): nothing will release it. */
+  | 'vm-ended'
+  /** `fmpm -l` showed it active when the host was registered: gpuvm never activated it. */
+  | 'active-at-registration'
+  /** An operator asked for a repair of a broken or unrepaired partition. */
+  | 'operator-repair';
 
 /** Params every partition effect carries: enough for a handler to act without reading the log. */
 export interface PartitionEffectParams {
@@ -152,6 +174,22 @@ export const partitionMachine = setup({
     recordDrift: assign({
       drift: ({ event }) => (event.type === 'DRIFT_DETECTED' ? { kind: event.drift, detail: event.detail, strayQemu: event.strayQemu } : null),
     }),
+    /** An operator's repair waits for the holding VM's QEMU, and any the last drift named, to be gone. */
+    recordOperatorRepair: assign({
+      drift: ({ context, event }) => ({
+        kind: 'operator-repair' as const,
+        detail: `repair requested by ${event.type === 'REPAIR' ? event.by : 'an operator'}`,
+        strayQemu: [...new Set([...(context.vmId ? [context.vmId] : []), ...(context.drift?.strayQemu ?? [])])],
+      }),
+    }),
+    /** Ends the VM's cycle a repair finished: it failed, and counts toward quarantine. */
+    endRepairedCycle: assign(({ context }) => ({
+      vmId: null,
+      releaseRequested: false,
+      failure: null,
+      drift: null,
+      consecutiveFailures: context.consecutiveFailures + 1,
+    })),
     recordFailure: assign({
       failure: ({ event }) => (event.type === 'EFFECT_FAILED' ? `${event.effect}: ${event.error}` : null),
     }),
@@ -162,22 +200,44 @@ export const partitionMachine = setup({
     failedTooOften: ({ context }) => context.failure !== null && context.consecutiveFailures + 1 >= PARTITION_FAILURES_BEFORE_QUARANTINE,
     // Quarantine is only ever left through CLEAR_QUARANTINE, which resets the count.
     wasQuarantined: ({ context }) => context.consecutiveFailures >= PARTITION_FAILURES_BEFORE_QUARANTINE,
+    /** EFFECT_FAILED of the effect this state waits for; a late failure of an earlier one is not taken. */
+    effectFailed: ({ event }, effect: string) => event.type === 'EFFECT_FAILED' && event.effect === effect,
+    activeAtRegistration: ({ event }) => event.type === 'REGISTER' && event.active === true,
+    vmEnded: ({ event }) => event.type === 'DRIFT_DETECTED' && event.drift === 'vm-ended',
+    repairEndsCycle: ({ context }) => context.vmId !== null,
+    repairEndsCycleTooOften: ({ context }) => context.vmId !== null && context.consecutiveFailures + 1 >= PARTITION_FAILURES_BEFORE_QUARANTINE,
   },
 }).createMachine({
   id: 'partition',
   initial: 'new',
   context: { hostId: '', partitionId: -1, gpus: [], vmId: null, releaseRequested: false, failure: null, cycle: 0, consecutiveFailures: 0 },
+  // RELEASE from the holding VM while a step is in flight is remembered and honoured when it
+  // completes, so a partition never has two effects in flight. Unheld states refuse it: no holder.
+  on: { RELEASE: { guard: 'claimantIsHolder', actions: 'rememberRelease' } },
   states: {
     new: {
       on: {
-        REGISTER: {
-          target: 'free',
-          actions: assign(({ event }) => ({
-            hostId: event.hostId,
-            partitionId: event.partitionId,
-            gpus: event.gpus,
-          })),
-        },
+        REGISTER: [
+          {
+            // Active before gpuvm ever activated it: hold its GPUs' claims and repair it first.
+            guard: 'activeAtRegistration',
+            target: 'repairing',
+            actions: assign(({ event }) => ({
+              hostId: event.hostId,
+              partitionId: event.partitionId,
+              gpus: event.gpus,
+              drift: { kind: 'active-at-registration' as const, detail: `partition ${event.partitionId} was active in fmpm -l at registration`, strayQemu: event.strayQemu ?? [] },
+            })),
+          },
+          {
+            target: 'free',
+            actions: assign(({ event }) => ({
+              hostId: event.hostId,
+              partitionId: event.partitionId,
+              gpus: event.gpus,
+            })),
+          },
+        ],
       },
     },
 
@@ -201,32 +261,28 @@ export const partitionMachine = setup({
       entry: { type: 'prepareGpus', params: effectParams },
       on: {
         GPUS_READY: [{ guard: 'releaseRequested', target: 'unbinding' }, { target: 'activating' }],
-        RELEASE: { guard: 'claimantIsHolder', actions: 'rememberRelease' },
-        EFFECT_FAILED: { target: 'unbinding', actions: 'recordFailure' },
+        EFFECT_FAILED: { guard: { type: 'effectFailed', params: 'prepareGpus' }, target: 'unbinding', actions: 'recordFailure' },
       },
     },
     activating: {
       entry: { type: 'activatePartition', params: effectParams },
       on: {
         ACTIVATED: [{ guard: 'releaseRequested', target: 'unbinding' }, { target: 'confirmingActive' }],
-        RELEASE: { guard: 'claimantIsHolder', actions: 'rememberRelease' },
-        EFFECT_FAILED: { target: 'unbinding', actions: 'recordFailure' },
+        EFFECT_FAILED: { guard: { type: 'effectFailed', params: 'activatePartition' }, target: 'unbinding', actions: 'recordFailure' },
       },
     },
     confirmingActive: {
       entry: { type: 'confirmActive', params: effectParams },
       on: {
         CONFIRMED_ACTIVE: [{ guard: 'releaseRequested', target: 'unbinding' }, { target: 'binding' }],
-        RELEASE: { guard: 'claimantIsHolder', actions: 'rememberRelease' },
-        EFFECT_FAILED: { target: 'unbinding', actions: 'recordFailure' },
+        EFFECT_FAILED: { guard: { type: 'effectFailed', params: 'confirmActive' }, target: 'unbinding', actions: 'recordFailure' },
       },
     },
     binding: {
       entry: { type: 'bindVfio', params: effectParams },
       on: {
         BOUND_VFIO: [{ guard: 'releaseRequested', target: 'unbinding' }, { target: 'ready' }],
-        RELEASE: { guard: 'claimantIsHolder', actions: 'rememberRelease' },
-        EFFECT_FAILED: { target: 'unbinding', actions: 'recordFailure' },
+        EFFECT_FAILED: { guard: { type: 'effectFailed', params: 'bindVfio' }, target: 'unbinding', actions: 'recordFailure' },
       },
     },
 
@@ -237,6 +293,8 @@ export const partitionMachine = setup({
       },
       on: {
         RELEASE: { guard: 'claimantIsHolder', target: 'unbinding', actions: 'rememberRelease' },
+        // Its VM ended without releasing it: repair, holding the claims, once that VM's QEMU is gone.
+        DRIFT_DETECTED: { guard: 'vmEnded', target: 'repairing', actions: 'recordDrift' },
       },
     },
 
@@ -245,16 +303,14 @@ export const partitionMachine = setup({
       entry: { type: 'bindHost', params: effectParams },
       on: {
         BOUND_HOST: { target: 'deactivating' },
-        RELEASE: { guard: 'claimantIsHolder', actions: 'rememberRelease' },
-        EFFECT_FAILED: { target: 'broken', actions: 'recordFailure' },
+        EFFECT_FAILED: { guard: { type: 'effectFailed', params: 'bindHost' }, target: 'broken', actions: 'recordFailure' },
       },
     },
     deactivating: {
       entry: { type: 'deactivatePartition', params: effectParams },
       on: {
         DEACTIVATED: { target: 'confirmingInactive' },
-        RELEASE: { guard: 'claimantIsHolder', actions: 'rememberRelease' },
-        EFFECT_FAILED: { target: 'broken', actions: 'recordFailure' },
+        EFFECT_FAILED: { guard: { type: 'effectFailed', params: 'deactivatePartition' }, target: 'broken', actions: 'recordFailure' },
       },
     },
     confirmingInactive: {
@@ -264,8 +320,7 @@ export const partitionMachine = setup({
           { guard: 'failedTooOften', target: 'quarantined', actions: [notifyEndOfCycle, 'endCycle'] },
           { target: 'free', actions: [notifyEndOfCycle, 'endCycle'] },
         ],
-        RELEASE: { guard: 'claimantIsHolder', actions: 'rememberRelease' },
-        EFFECT_FAILED: { target: 'broken', actions: 'recordFailure' },
+        EFFECT_FAILED: { guard: { type: 'effectFailed', params: 'confirmInactive' }, target: 'broken', actions: 'recordFailure' },
       },
     },
 
@@ -277,7 +332,7 @@ export const partitionMachine = setup({
       },
     },
 
-    // ── drift repair: no VM involved; the claims keep placement off these GPUs meanwhile ──
+    // ── drift repair: the claims keep placement off these GPUs meanwhile ──
     repairing: {
       entry: {
         type: 'repairPartition',
@@ -291,16 +346,19 @@ export const partitionMachine = setup({
       },
       on: {
         REPAIRED: [
+          { guard: 'repairEndsCycleTooOften', target: 'quarantined', actions: 'endRepairedCycle' },
+          { guard: 'repairEndsCycle', target: 'free', actions: 'endRepairedCycle' },
           { guard: 'wasQuarantined', target: 'quarantined', actions: assign({ drift: null }) },
           { target: 'free', actions: assign({ drift: null, failure: null }) },
         ],
-        EFFECT_FAILED: { target: 'unrepaired', actions: 'recordFailure' },
+        EFFECT_FAILED: { guard: { type: 'effectFailed', params: 'repairPartition' }, target: 'unrepaired', actions: 'recordFailure' },
       },
     },
     /** A repair failed for good: the claims stay so nothing is placed on a host in an unknown state. */
     unrepaired: {
       on: {
         DRIFT_DETECTED: { target: 'repairing', actions: 'recordDrift' },
+        REPAIR: { target: 'repairing', actions: 'recordOperatorRepair' },
       },
     },
 
@@ -311,7 +369,7 @@ export const partitionMachine = setup({
         params: ({ context }) => ({ ...effectParams({ context }), notice: 'PARTITION_FAILED' as const, reason: context.failure }),
       },
       on: {
-        RELEASE: { guard: 'claimantIsHolder', actions: 'rememberRelease' },
+        REPAIR: { target: 'repairing', actions: 'recordOperatorRepair' },
       },
     },
   },

@@ -13,15 +13,29 @@
  * Failure paths: the partition could not be prepared → `failed` with its reason (the partition has
  * already unwound itself); QEMU could not start → terminate whatever started, release, `failed`;
  * QEMU dies on its own while running → release, `crashed`. `failed` and `crashed` keep the record
- * (resources returned) until DELETE. DELETE is accepted in every state but `deleted`; where a step
+ * (resources returned, unless a release gave up: see below) until DELETE. DELETE is accepted in every state but `deleted`; where a step
  * is in flight it is remembered and honoured when the step completes.
+ *
+ * EFFECT_FAILED is taken only for the effect the state waits for: a late failure of an earlier
+ * state's effect (a powerdown whose QMP hung past the timer) is recorded by the engine and ignored.
+ *
+ *   terminating ──EFFECT_FAILED(terminateQemu)──▶ stopFailed   QEMU would not die, or could not be seen
+ *        gone: the partition stays held, since a live QEMU may still use its GPUs
+ *   stopFailed ──QEMU_EXITED──▶ releasing   the QEMU monitor saw the process gone
+ *              ──DELETE──▶ terminating      an operator's retry
+ *   releasing ──EFFECT_FAILED(releasePartition)──▶ deleted | failed   the QEMU was never seen gone; the
+ *        partition is left `ready` under an ended VM, which the reconciler repairs (machines/partition.ts)
  *
  * Pure: no I/O, no clock, no randomness. Effects are named actions with params.
  */
 import { assign, setup } from 'xstate';
 import type { PartitionGpu } from './partition.ts';
 
-export const VM_MACHINE_VERSION = 1;
+/**
+ * 2: EFFECT_FAILED names its effect (a stale one is refused); terminateQemu failing for good goes to
+ * `stopFailed`, not `failed`; releasing takes releasePartition failing for good.
+ */
+export const VM_MACHINE_VERSION = 2;
 
 export interface VmContext {
   vmId: string;
@@ -99,10 +113,17 @@ export const vmMachine = setup({
     terminateQemu: (_, _params: VmEffectParams) => {},
     releasePartition: (_, _params: VmEffectParams) => {},
     rememberDelete: assign({ deleteRequested: true }),
+    recordPartitionLeftHeld: assign({
+      reason: ({ context, event }) =>
+        `${event.type === 'EFFECT_FAILED' ? `${event.effect}: ${event.error}` : 'release failed'}; partition ${context.partitionId} is left held for a repair`,
+    }),
   },
   guards: {
     deleteRequested: ({ context }) => context.deleteRequested,
     deleteNotYetRequested: ({ context }) => !context.deleteRequested,
+    /** EFFECT_FAILED of the effect this state waits for; a late failure of an earlier one is not taken. */
+    effectFailed: ({ event }, effect: string) => event.type === 'EFFECT_FAILED' && event.effect === effect,
+    releaseGaveUpAfterDelete: ({ context, event }) => context.deleteRequested && event.type === 'EFFECT_FAILED' && event.effect === 'releasePartition',
   },
 }).createMachine({
   id: 'vm',
@@ -122,9 +143,13 @@ export const vmMachine = setup({
     reason: null,
     qemuPid: null,
   },
+  // A DELETE while a step is in flight is remembered and honoured when it completes; states that act
+  // on DELETE at once say so themselves.
+  on: { DELETE: { guard: 'deleteNotYetRequested', actions: 'rememberDelete' } },
   states: {
     new: {
       on: {
+        DELETE: undefined,
         CREATE: {
           target: 'provisioning',
           actions: assign(({ event }) => ({
@@ -169,10 +194,10 @@ export const vmMachine = setup({
           { target: 'running', actions: assign({ qemuPid: ({ event }) => event.pid }) },
         ],
         EFFECT_FAILED: {
+          guard: { type: 'effectFailed', params: 'startQemu' },
           target: 'terminating',
           actions: assign({ outcome: 'failed', reason: ({ event }) => `${event.effect}: ${event.error}` }),
         },
-        DELETE: { guard: 'deleteNotYetRequested', actions: 'rememberDelete' },
       },
     },
 
@@ -192,8 +217,7 @@ export const vmMachine = setup({
         QEMU_EXITED: { target: 'releasing' },
         POWERDOWN_TIMEOUT: { target: 'terminating' },
         // system_powerdown failing is not fatal: the timer still escalates to quit/kill.
-        EFFECT_FAILED: { target: 'terminating' },
-        DELETE: { guard: 'deleteNotYetRequested', actions: 'rememberDelete' },
+        EFFECT_FAILED: { guard: { type: 'effectFailed', params: 'powerdownQemu' }, target: 'terminating' },
       },
     },
 
@@ -203,10 +227,18 @@ export const vmMachine = setup({
         QEMU_EXITED: { target: 'releasing' },
         EFFECT_FAILED: {
           // The process could not be stopped: do not release GPUs a live QEMU may still hold.
-          target: 'failed',
+          guard: { type: 'effectFailed', params: 'terminateQemu' },
+          target: 'stopFailed',
           actions: assign({ outcome: 'failed', reason: ({ event }) => `${event.effect}: ${event.error}` }),
         },
-        DELETE: { guard: 'deleteNotYetRequested', actions: 'rememberDelete' },
+      },
+    },
+
+    /** QEMU may still live: the partition stays held until the monitor sees the process gone, or an operator retries. */
+    stopFailed: {
+      on: {
+        QEMU_EXITED: { target: 'releasing' },
+        DELETE: { target: 'terminating', actions: 'rememberDelete' },
       },
     },
 
@@ -227,23 +259,32 @@ export const vmMachine = setup({
           },
           { target: 'failed', actions: assign({ outcome: 'failed', reason: ({ event }) => event.reason }) },
         ],
-        DELETE: { guard: 'deleteNotYetRequested', actions: 'rememberDelete' },
+        // The engine waited long and never saw QEMU gone: end the VM, but leave its partition held;
+        // the reconciler finds a ready partition under an ended VM and repairs it once QEMU is gone.
+        EFFECT_FAILED: [
+          { guard: 'releaseGaveUpAfterDelete', target: 'deleted', actions: 'recordPartitionLeftHeld' },
+          { guard: { type: 'effectFailed', params: 'releasePartition' }, target: 'failed', actions: ['recordPartitionLeftHeld', assign({ outcome: 'failed' })] },
+        ],
       },
     },
 
-    /** Resources returned; the record stays for the operator until DELETE. */
+    /**
+     * The record stays for the operator until DELETE. The partition was returned, or (after
+     * releasePartition failed for good) is left held for the reconciler's repair, as the reason says.
+     */
     failed: { on: { DELETE: { target: 'deleted', actions: 'rememberDelete' } } },
     crashed: { on: { DELETE: { target: 'deleted', actions: 'rememberDelete' } } },
-    deleted: { type: 'final' },
+    // Final; the root's DELETE does not reach it: deleting twice is refused.
+    deleted: { type: 'final', on: { DELETE: undefined } },
   },
 });
 
 /** Commands an operator (API/CLI) may send; everything else is delivered by effects. */
 export const VM_COMMANDS = ['DELETE'] as const;
 
-/** VM states in which its QEMU may be alive: being started, running, or being stopped. */
+/** VM states in which its QEMU may be alive: being started, running, being stopped, or refusing to stop. */
 export function qemuMayLive(state: string): boolean {
-  return state === 'starting' || state === 'running' || state === 'stopping' || state === 'terminating';
+  return state === 'starting' || state === 'running' || state === 'stopping' || state === 'terminating' || state === 'stopFailed';
 }
 
 /**

@@ -184,3 +184,93 @@ describe('host machine', () => {
     expect(run('host:h', [reg, stray, report]).snap.context.driftsDetected).toBe(2);
   });
 });
+
+describe('vm effect failures name their effect', () => {
+  const toTerminating: MachineEvent[] = [create, { type: 'PARTITION_READY' }, { type: 'QEMU_STARTED', pid: 42 }, { type: 'DELETE' }, { type: 'POWERDOWN_TIMEOUT' }];
+
+  it('ignores a late powerdownQemu failure once terminating, and releases on the QEMU_EXITED that follows', () => {
+    // Given a VM the powerdown timer moved to terminating while its powerdown QMP hung
+    const r = run('vm:x', toTerminating);
+    // When the powerdown's failure arrives late
+    const late = decide('vm:x', r.snap, { type: 'EFFECT_FAILED', effect: 'powerdownQemu', error: 'QMP timeout' });
+    // Then it is refused, and terminateQemu's QEMU_EXITED still releases the partition
+    expect(late.kind).toBe('rejected');
+    expect(run('vm:x', [...toTerminating, { type: 'QEMU_EXITED', how: 'SIGKILL' }, { type: 'PARTITION_RELEASED' }]).states.slice(-2)).toEqual(['releasing', 'deleted']);
+  });
+
+  it('keeps the partition held when QEMU will not die, until it is seen gone or an operator retries', () => {
+    // Given terminateQemu failed for good
+    const r = run('vm:x', [...toTerminating, { type: 'EFFECT_FAILED', effect: 'terminateQemu', error: 'still alive after SIGKILL' }]);
+    // Then the VM waits in stopFailed, asking for no release
+    expect(r.snap.state).toBe('stopFailed');
+    expect(r.effects.at(-1)).toEqual([]);
+    // When the monitor sees QEMU gone, it releases; when an operator deletes again, it terminates again
+    expect(run('vm:x', [...toTerminating, { type: 'EFFECT_FAILED', effect: 'terminateQemu', error: 'x' }, { type: 'QEMU_EXITED', how: 'process gone' }]).effects.at(-1)).toEqual(['releasePartition']);
+    const retry = run('vm:x', [...toTerminating, { type: 'EFFECT_FAILED', effect: 'terminateQemu', error: 'x' }, { type: 'DELETE' }]);
+    expect(retry.snap.state).toBe('terminating');
+    expect(retry.effects.at(-1)).toEqual(['terminateQemu']);
+  });
+
+  it('ends the VM when releasePartition fails for good, saying the partition is left held', () => {
+    const r = run('vm:x', [...toTerminating, { type: 'QEMU_EXITED', how: 'quit' }, { type: 'EFFECT_FAILED', effect: 'releasePartition', error: 'QEMU status unknown' }]);
+    expect(r.snap.state).toBe('deleted');
+    expect(r.snap.context.reason).toBe('releasePartition: QEMU status unknown; partition 4 is left held for a repair');
+    const crashed = run('vm:x', [create, { type: 'PARTITION_READY' }, { type: 'QEMU_STARTED', pid: 1 }, { type: 'QEMU_EXITED', how: 'gone' }, { type: 'EFFECT_FAILED', effect: 'releasePartition', error: 'x' }]);
+    expect(crashed.snap.state).toBe('failed');
+    expect(decide('vm:x', crashed.snap, { type: 'EFFECT_FAILED', effect: 'startQemu', error: 'x' }).kind).toBe('rejected');
+  });
+
+  it('refuses a startQemu failure outside starting and a stale one inside the release path', () => {
+    const starting = run('vm:x', [create, { type: 'PARTITION_READY' }]);
+    expect(decide('vm:x', starting.snap, { type: 'EFFECT_FAILED', effect: 'powerdownQemu', error: 'x' }).kind).toBe('rejected');
+    expect(decide('vm:x', starting.snap, { type: 'EFFECT_FAILED', effect: 'startQemu', error: 'x' })).toMatchObject({ kind: 'changed', stateAfter: 'terminating' });
+  });
+});
+
+describe('partition effect failures, repair and registration', () => {
+  const ready: MachineEvent[] = [register, { type: 'CLAIM', vmId: 'vm-1' }, { type: 'GPUS_READY' }, { type: 'ACTIVATED', outcome: 'activated' }, { type: 'CONFIRMED_ACTIVE' }, { type: 'BOUND_VFIO' }];
+  const broken: MachineEvent[] = [...ready, { type: 'RELEASE', vmId: 'vm-1' }, { type: 'EFFECT_FAILED', effect: 'bindHost', error: 'EBUSY' }];
+
+  it('takes EFFECT_FAILED only for the step in flight', () => {
+    const activating = run('partition:h:4', [register, { type: 'CLAIM', vmId: 'vm-1' }, { type: 'GPUS_READY' }]);
+    expect(decide('partition:h:4', activating.snap, { type: 'EFFECT_FAILED', effect: 'prepareGpus', error: 'x' }).kind).toBe('rejected');
+    expect(decide('partition:h:4', activating.snap, { type: 'EFFECT_FAILED', effect: 'activatePartition', error: 'x' })).toMatchObject({ stateAfter: 'unbinding' });
+  });
+
+  it('lets an operator repair a broken partition: it waits for the VM’s QEMU, and the failed cycle counts', () => {
+    // Given a partition broken while releasing
+    const r = run('partition:h:4', broken);
+    expect(r.snap.state).toBe('broken');
+    // When an operator repairs it
+    const d = decide('partition:h:4', r.snap, { type: 'REPAIR', by: 'op' });
+    // Then it repairs, waiting for vm-1's QEMU, and ends free with the claim and the VM dropped
+    expect(d.kind === 'changed' && d.effects).toEqual([{ type: 'repairPartition', params: { hostId: 'h', partitionId: 4, gpus, strayQemu: ['vm-1'], drift: 'operator-repair' } }]);
+    const done = run('partition:h:4', [...broken, { type: 'REPAIR', by: 'op' }, { type: 'REPAIRED', actions: [] }]);
+    expect(done.snap.state).toBe('free');
+    expect(done.snap.context).toMatchObject({ vmId: null, failure: null, drift: null, consecutiveFailures: 1 });
+    // A second such cycle in a row quarantines it
+    const again = run('partition:h:4', [...broken, { type: 'REPAIR', by: 'op' }, { type: 'REPAIRED', actions: [] }, ...broken.slice(1), { type: 'REPAIR', by: 'op' }, { type: 'REPAIRED', actions: [] }]);
+    expect(again.snap.state).toBe('quarantined');
+    expect(decide('partition:h:4', run('partition:h:4', [register]).snap, { type: 'REPAIR', by: 'op' }).kind).toBe('rejected');
+  });
+
+  it('repairs a ready partition whose VM ended, after that VM’s QEMU is gone', () => {
+    const drift: MachineEvent = { type: 'DRIFT_DETECTED', drift: 'vm-ended', detail: 'vm-1 is failed', strayQemu: ['vm-1'] };
+    expect(decide('partition:h:4', run('partition:h:4', ready).snap, { ...drift, drift: 'active-without-owner' }).kind).toBe('rejected');
+    const r = run('partition:h:4', [...ready, drift, { type: 'REPAIRED', actions: [] }]);
+    expect(r.states.slice(-2)).toEqual(['repairing', 'free']);
+    expect(r.snap.context.vmId).toBeNull();
+  });
+
+  it('registers a partition found active straight into repairing', () => {
+    const r = run('partition:h:4', [{ ...register, active: true, strayQemu: [] }]);
+    expect(r.snap.state).toBe('repairing');
+    expect(r.effects[0]).toEqual(['repairPartition']);
+    expect(run('partition:h:4', [{ ...register, active: false }]).snap.state).toBe('free');
+  });
+
+  it('refuses RELEASE in free and DELETE on a deleted or never-created VM (root handlers do not leak)', () => {
+    expect(decide('partition:h:4', run('partition:h:4', [register]).snap, { type: 'RELEASE', vmId: 'vm-1' }).kind).toBe('rejected');
+    expect(decide('vm:x', null, { type: 'DELETE' }).kind).toBe('rejected');
+  });
+});

@@ -7,7 +7,11 @@
 import { existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { vmStream } from '../machines/index.ts';
+import { applyEvent, inTransaction } from '../src/engine/commands.ts';
 import { createHandlers } from '../src/engine/handlers.ts';
+import { verifyProjections } from '../src/engine/rebuild.ts';
+import { retryPolicy } from '../src/service.ts';
 import type { DriftRecord } from '../src/engine/reconcile.ts';
 import { loadSimHost, restartFabricManager } from '../src/host/sim/sim-host.ts';
 import { expectInvariantsAtRest } from './support/invariants.ts';
@@ -200,6 +204,39 @@ describe(`reconciliation (${usingPostgres ? 'postgres' : 'pglite'})`, () => {
     await t.service.vms.delete(vm.id, 'test');
     await until(vm.id, 'deleted');
     await settled();
+    await expectInvariantsAtRest(t.service);
+  }, 120_000);
+
+  it('repairs a ready partition whose VM ended without releasing it, once that VM’s QEMU is gone', async () => {
+    // Given a running VM whose release gave up (its QEMU was never seen gone): the VM ended, the partition is still ready
+    const vm = await t.service.vms.create({ gpus: 1, actor: 'test' });
+    await until(vm.id, 'running');
+    const policy = retryPolicy(t.service.config);
+    const meta = { actor: 'test', correlationId: vm.id, causationId: null };
+    await inTransaction(t.service.db.kysely, async (tx) => {
+      await applyEvent(tx, vmStream(vm.id), { type: 'QEMU_EXITED', how: 'not observed' }, meta, policy);
+      await applyEvent(tx, vmStream(vm.id), { type: 'EFFECT_FAILED', effect: 'releasePartition', error: 'QEMU could not be observed gone' }, meta, policy);
+      // The release the first step asked for is what gave up: it never runs.
+      await tx.updateTable('effects').set({ status: 'failed' }).where('stream_id', '=', vmStream(vm.id)).where('type', '=', 'releasePartition').execute();
+    });
+    expect((await t.service.vms.get(vm.id)).state).toBe('failed');
+    expect((await partition(vm.partition_id)).state).toBe('ready');
+
+    // When reconciliation runs
+    const records = await t.service.reconciler.reconcile();
+
+    // Then the partition repairs itself, waiting for the VM's QEMU (stopped as a stray), and ends free with its claims dropped
+    expect(records.map((r) => `${r.streamId} ${r.drift}`).sort()).toEqual([`host:sim-b200 qemu-without-vm`, `partition:sim-b200:${vm.partition_id} vm-ended`]);
+    const drift = (await eventsOf(`partition:sim-b200:${vm.partition_id}`)).at(-1)!;
+    expect(drift).toMatchObject({ type: 'DRIFT_DETECTED', state_after: 'repairing', data: { drift: 'vm-ended', strayQemu: [vm.id] } });
+    // While it repairs, the claims still name the ended VM, as the fold does: the rebuild agrees.
+    expect((await verifyProjections(t.service.db.kysely)).differences).toEqual([]);
+    await waitUntil('repaired', async () => (await partition(vm.partition_id)).state === 'free', 30_000);
+    await settled();
+    expect(await t.service.db.kysely.selectFrom('gpu_claims').selectAll().where('partition_id', '=', vm.partition_id).execute()).toEqual([]);
+    expect(await t.service.reconciler.reconcile()).toEqual([]);
+    await t.service.vms.delete(vm.id, 'test');
+    await until(vm.id, 'deleted');
     await expectInvariantsAtRest(t.service);
   }, 120_000);
 });

@@ -15,6 +15,7 @@
  *   GET    /v1/partitions           the host's partitions and who holds them
  *   GET    /v1/hosts                hosts with their GPUs and what is quarantined
  *   POST   /v1/hosts/:id/clear-quarantine  { moduleId } | { partitionId } | { all: true }
+ *   POST   /v1/hosts/:id/repair    { partitionId } → 202 the partition (repairing), if broken or unrepaired
  *
  * Errors are `{ "error": { "code", "message" } }` with 400/404/409; nothing is written on error.
  */
@@ -28,7 +29,7 @@ import { IDEMPOTENCY_KEY_PATTERN, VM_ID_PATTERN, VM_NAME_PATTERN } from '../engi
 import type { Kysely } from 'kysely';
 import type { Database } from '../store/schema.ts';
 import type { EffectPolicy } from '../engine/commands.ts';
-import { clearQuarantine, listHosts } from '../engine/hosts.ts';
+import { clearQuarantine, listHosts, repairPartition } from '../engine/hosts.ts';
 import { registerReplayRoutes } from './replay-routes.ts';
 import { HOST_ID_PATTERN } from '../config.ts';
 
@@ -59,6 +60,8 @@ const clearQuarantineBody = z
     all: z.literal(true).optional(),
   })
   .strict();
+
+const repairBody = z.object({ partitionId: z.number().int().min(0).max(999) }).strict();
 
 function parseBody<T>(schema: z.ZodType<T>, body: unknown): T {
   if (body === undefined || body === null || typeof body !== 'object' || Array.isArray(body)) throw badRequest('expected a JSON object body');
@@ -142,6 +145,13 @@ export async function buildApi(deps: ApiDeps): Promise<FastifyInstance> {
     const given = [body.moduleId !== undefined, body.partitionId !== undefined, body.all === true].filter(Boolean).length;
     if (given !== 1) throw badRequest('give exactly one of moduleId, partitionId or all: true');
     return clearQuarantine(deps.db, hostId, body, actor(req), deps.policy);
+  });
+
+  app.post('/v1/hosts/:id/repair', async (req, reply) => {
+    const body = parseBody(repairBody, req.body);
+    const hostId = (req.params as { id: string }).id;
+    if (!HOST_ID_PATTERN.test(hostId)) throw badRequest(`invalid host id ${JSON.stringify(hostId.slice(0, 80))}`);
+    return reply.status(202).send(await repairPartition(deps.db, hostId, body.partitionId, actor(req), deps.policy));
   });
 
   registerReplayRoutes(app, { db: deps.db });

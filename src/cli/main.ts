@@ -275,6 +275,18 @@ function program(): Command {
       print(`cleared on ${hostId}: modules [${cleared.modules.join(', ')}], partitions [${cleared.partitions.join(', ')}]`);
     });
 
+  host
+    .command('repair')
+    .argument('<host>', 'host id')
+    .description('repair a broken or unrepaired partition: wait for its QEMU to be gone, GPUs back to the host driver, fmpm -d')
+    .requiredOption('--partition <id>', 'a partition id')
+    .option('--json', 'print JSON')
+    .action(async (hostId, o) => {
+      const p = await call<any>(serviceUrl(cli.opts()), 'POST', `/v1/hosts/${encodeURIComponent(hostId)}/repair`, { partitionId: Number(o.partition) });
+      if (o.json) return json(p);
+      print(`partition ${p.partition_id} on ${hostId} is ${p.state}: GPUs (modules ${p.modules.join(', ')}) back to the host driver, then fmpm -d`);
+    });
+
   cli
     .command('history')
     .argument('<id>', 'a VM id')

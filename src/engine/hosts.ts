@@ -1,6 +1,8 @@
 /**
  * Host registration: the first start on a host records its inventory on the host stream and one
- * REGISTER per partition, in one transaction. Later starts find the host known and keep its
+ * REGISTER per partition, in one transaction. A partition `fmpm -l` already shows active was not
+ * activated by gpuvm: it registers `active`, holding its GPUs' claims while it is repaired
+ * (deactivated), so no VM is placed on it meanwhile. Later starts find the host known and keep its
  * recorded inventory (the GPUs may be on vfio-pci under running VMs, invisible to nvidia-smi);
  * each cycle re-verifies the module mapping while the GPUs are back on the host driver.
  */
@@ -8,6 +10,7 @@ import type { Kysely } from 'kysely';
 import { hostStream, partitionStream, type HostContext } from '../../machines/index.ts';
 import { takeInventory, type HostAdapters } from '../host/host.ts';
 import type { Logger } from '../log.ts';
+import { partitionRow, type PartitionRow } from '../store/projections.ts';
 import type { Database } from '../store/schema.ts';
 import { conflict, notFound } from '../errors.ts';
 import { applyEvent, inTransaction, loadSnapshot, type EffectPolicy } from './commands.ts';
@@ -22,7 +25,10 @@ export async function registerHost(
   const existing = await loadSnapshot(db, hostStream(host.hostId));
   if (existing) return { registered: false, context: existing.context as unknown as HostContext };
 
-  const inventory = await takeInventory(host, opts);
+  const { activePartitions, ...inventory } = await takeInventory(host, opts);
+  const active = new Set(activePartitions);
+  // A repair of an active partition waits for any QEMU already running: it may be using those GPUs.
+  const strayQemu = active.size > 0 ? (await host.qemu.running()).map((q) => q.vmId) : [];
   const pci = new Map(inventory.gpus.map((g) => [g.moduleId, g.pciAddress]));
   const meta = { actor: 'gpuvm:register', correlationId: hostStream(host.hostId), causationId: null };
   const context = await inTransaction(db, async (tx) => {
@@ -32,14 +38,20 @@ export async function registerHost(
       await applyEvent(
         tx,
         partitionStream(host.hostId, p.id),
-        { type: 'REGISTER', hostId: host.hostId, partitionId: p.id, gpus: p.modules.map((m) => ({ moduleId: m, pciAddress: pci.get(m)! })) },
+        {
+          type: 'REGISTER',
+          hostId: host.hostId,
+          partitionId: p.id,
+          gpus: p.modules.map((m) => ({ moduleId: m, pciAddress: pci.get(m)! })),
+          ...(active.has(p.id) ? { active: true, strayQemu } : {}),
+        },
         meta,
         policy,
       );
     }
     return result.snapshot.context as unknown as HostContext;
   });
-  log.info({ hostId: host.hostId, board: inventory.board, gpus: inventory.gpus.length, partitions: inventory.partitions.length }, 'host registered');
+  log.info({ hostId: host.hostId, board: inventory.board, gpus: inventory.gpus.length, partitions: inventory.partitions.length, activeAtRegistration: [...active] }, 'host registered');
   return { registered: true, context };
 }
 
@@ -98,5 +110,32 @@ export async function clearQuarantine(
       throw conflict('not-quarantined', `${target} on host ${hostId} is not quarantined`);
     }
     return { modules, partitions };
+  });
+}
+
+/**
+ * An operator's way out for a partition whose release (`broken`) or repair (`unrepaired`) failed for
+ * good: REPAIR, which observes first, waits for the holding VM's QEMU to be gone, rebinds the GPUs to
+ * the host driver and deactivates (machines/partition.ts). Returns the partition as it is now
+ * (`repairing`). A quarantined partition is not repaired here: clear-quarantine returns it.
+ */
+export async function repairPartition(
+  db: Kysely<Database>,
+  hostId: string,
+  partitionId: number,
+  actor: string,
+  policy: EffectPolicy,
+): Promise<PartitionRow> {
+  return inTransaction(db, async (tx) => {
+    if (!(await loadSnapshot(tx, hostStream(hostId)))) throw notFound(`no host ${hostId}`);
+    const streamId = partitionStream(hostId, partitionId);
+    const snapshot = await loadSnapshot(tx, streamId);
+    if (!snapshot) throw notFound(`no partition ${partitionId} on host ${hostId}`);
+    if (snapshot.state !== 'broken' && snapshot.state !== 'unrepaired') {
+      throw conflict('not-broken', `partition ${partitionId} on host ${hostId} is ${snapshot.state}, not broken or unrepaired: nothing to repair`);
+    }
+    const result = await applyEvent(tx, streamId, { type: 'REPAIR', by: actor }, { actor, correlationId: streamId, causationId: null }, policy);
+    if (result.kind !== 'changed') throw conflict('not-broken', `partition ${partitionId} on host ${hostId} cannot be repaired from ${snapshot.state}`);
+    return partitionRow(result.snapshot);
   });
 }

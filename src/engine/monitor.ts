@@ -1,6 +1,6 @@
 /**
- * Watches the QEMU of every VM that should have one. A QEMU that is gone while its VM is running
- * or stopping becomes QEMU_EXITED on the VM's stream; the machine decides what that means (a crash
+ * Watches the QEMU of every VM that should have one. A QEMU that is gone while its VM is running,
+ * stopping, or failed to stop becomes QEMU_EXITED on the VM's stream; the machine decides what that means (a crash
  * while running, the expected end while stopping). The check reads the pidfile and /proc, so it
  * works the same for a QEMU this process started and for one it found after a restart. Only an
  * observed `gone` is an exit: an observation that failed (`unknown`) is logged and made again on
@@ -16,8 +16,12 @@ import { applyEvent, loadSnapshot, retrying, type EffectPolicy, type LocalWorker
 import { Periodic } from './periodic.ts';
 import { crashPoint } from './crash-points.ts';
 
-/** The states in which a VM's QEMU should be alive: its exit there is news. */
-const qemuShouldRun = (state: string) => state === 'running' || state === 'stopping';
+/**
+ * The states in which a VM's QEMU should be alive: its exit there is news. `stopFailed`: the QEMU
+ * would not stop, or could not be seen gone; seeing it gone is what lets the VM release its GPUs.
+ */
+const WATCHED = ['running', 'stopping', 'stopFailed'];
+const qemuShouldRun = (state: string) => WATCHED.includes(state);
 
 export class QemuMonitor {
   private readonly periodic: Periodic;
@@ -70,7 +74,7 @@ export class QemuMonitor {
         .selectFrom('vms')
         .select(['id', 'state'])
         .where('host_id', '=', this.host.hostId)
-        .where('state', 'in', ['running', 'stopping'])
+        .where('state', 'in', WATCHED)
         .execute());
     for (const vm of vms) {
       const status = await this.host.qemu.status(vm.id);

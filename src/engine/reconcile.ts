@@ -6,6 +6,8 @@
  *   - a partition active in `fmpm -l` that no VM holds, or a GPU on vfio-pci (or on no driver) that no
  *     VM holds → DRIFT_DETECTED on a free partition containing it, which takes the GPUs' claims and
  *     repairs: stray QEMU gone first, GPUs back to the host driver, fmpm -d (machines/partition.ts);
+ *   - a ready partition whose VM has ended (failed, crashed, deleted) or is unknown: nothing will
+ *     release it → DRIFT_DETECTED vm-ended, and it repairs itself once that VM's QEMU is gone;
  *   - a QEMU whose VM is unknown or has ended → DRIFT_DETECTED on the host stream, which stops it;
  *   - a VM marked running whose QEMU is gone → the QEMU monitor's QEMU_EXITED (monitor.ts);
  *   - a VM's ready partition inactive, or its GPUs off vfio-pci → DRIFT_DETECTED on the host stream,
@@ -89,7 +91,12 @@ interface RepairNeed {
   partition: PartitionView;
   drift: PartitionDrift;
   detail: string;
+  /** QEMU processes the repair waits for besides the stray ones seen this pass. */
+  waitFor?: string[];
 }
+
+/** VM states after which nothing will release the VM's partition. */
+const vmEnded = (state: string | undefined) => state === undefined || state === 'failed' || state === 'crashed' || state === 'deleted';
 
 export class Reconciler {
   private readonly periodic: Periodic;
@@ -169,7 +176,7 @@ export class Reconciler {
       // A repair waits for every QEMU without a VM that was not observed gone, unknown ones included.
       const strayIds = withoutVm.map((q) => q.vmId);
       for (const need of repairs) {
-        const r = await this.recordPartitionDrift(need, strayIds);
+        const r = await this.recordPartitionDrift(need, [...new Set([...(need.waitFor ?? []), ...strayIds])]);
         if (r) records.push(r);
       }
       // A drift only reported stays on the record once, until it goes away.
@@ -238,6 +245,10 @@ export class Reconciler {
         repairs.push({ partition: p, drift: 'repair-retry', detail: `partition ${p.id}: trying its failed repair again (${p.context.failure ?? 'unknown failure'})` });
       } else if (unowned(p) && active.has(p.id)) {
         repairs.push({ partition: p, drift: 'active-without-owner', detail: `partition ${p.id} is active in fmpm -l but no VM holds it (log: ${p.state})` });
+      } else if (p.state === 'ready' && vmEnded(log.vmStates.get(p.context.vmId ?? ''))) {
+        const vm = p.context.vmId!;
+        const detail = `partition ${p.id} is ready under VM ${vm}, which is ${log.vmStates.get(vm) ?? 'unknown to the log'}`;
+        repairs.push({ partition: p, drift: 'vm-ended', detail, waitFor: [vm] });
       } else if (p.state === 'ready') {
         const vm = p.context.vmId;
         if (!active.has(p.id)) {

@@ -111,6 +111,9 @@ export type InventoryGpu = {
 
 export type TakenInventory = Omit<HostInventory, 'gpus'> & { gpus: InventoryGpu[] };
 
+/** The inventory, and the partitions `fmpm -l` showed active while it was taken (not part of the stored inventory). */
+export type InventoryTaken = TakenInventory & { activePartitions: number[] };
+
 export interface InventoryOptions {
   /** The module → PCI mapping the operator expects (host config `expectedGpus`): any difference is refused. */
   expectedGpus?: readonly { moduleId: number; pciAddress: string }[];
@@ -129,7 +132,7 @@ const numeric = (a: number, b: number) => a - b;
  * GPU its IOMMU group and BAR sizes from sysfs. Refuses an inconsistent host with a message that
  * names the problem.
  */
-export async function takeInventory(host: HostAdapters, opts: InventoryOptions = {}): Promise<TakenInventory> {
+export async function takeInventory(host: HostAdapters, opts: InventoryOptions = {}): Promise<InventoryTaken> {
   const report = await host.nvidiaSmi.query();
   const table = await host.fmpm.list();
   const byModule = new Map<number, string>();
@@ -196,5 +199,6 @@ export async function takeInventory(host: HostAdapters, opts: InventoryOptions =
     board: report.gpus[0]?.productName ?? 'unknown',
     gpus,
     partitions: table.partitions.map((p) => ({ id: p.partitionId, modules: p.gpus.map((g) => g.physicalId).sort(numeric) })),
+    activePartitions: table.partitions.filter((p) => p.isActive).map((p) => p.partitionId),
   };
 }

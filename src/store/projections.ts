@@ -93,7 +93,9 @@ export function partitionRow(s: StreamSnapshot): PartitionRow {
 export function claimRows(s: StreamSnapshot): ClaimRow[] {
   const c = s.context as unknown as PartitionContext;
   if (!partitionHoldsClaim(s.state)) return [];
-  // vm_id is null while a drift repair holds the GPUs.
+  // vm_id is null while a drift repair holds the GPUs, or names the ended VM whose cycle a repair
+  // finishes (ready or broken → repairing keeps context.vmId, so the rows inserted when the cycle
+  // began stay equal to these until the repair drops them).
   return c.gpus.map((g) => ({ host_id: c.hostId, module_id: g.moduleId, partition_id: c.partitionId, vm_id: c.vmId }));
 }
 
