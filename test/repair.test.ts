@@ -98,7 +98,7 @@ describe(`a VM whose QEMU would not stop (${usingPostgres ? 'postgres' : 'pglite
 
     // When the process is finally gone
     process.kill((await t.service.host.qemu.status(vm.id)).pid!, 'SIGKILL');
-    await waitUntil('QEMU gone', async () => !(await t.service.host.qemu.status(vm.id)).running);
+    await waitUntil('QEMU gone', async () => (await t.service.host.qemu.status(vm.id)).state === 'gone');
     await t.service.monitor.check();
 
     // Then the VM releases its partition and is deleted, as asked
