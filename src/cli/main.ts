@@ -12,6 +12,7 @@ import type { VmRow } from '../store/projections.ts';
 import { readdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { userInfo } from 'node:os';
+import { randomUUID } from 'node:crypto';
 import { duration, table, time } from './format.ts';
 import { registerDoctor } from './doctor.ts';
 import { registerReplayCommands } from './replay.ts';
@@ -22,26 +23,60 @@ function serviceUrl(opts: { url?: string }): string {
   return (opts.url ?? process.env.GPUVM_URL ?? `http://127.0.0.1:${process.env.GPUVM_PORT ?? 7070}`).replace(/\/+$/, '');
 }
 
-async function call<T>(base: string, method: string, path: string, body?: unknown): Promise<T> {
+class ServiceError extends CliError {
+  constructor(
+    message: string,
+    readonly status: number | null,
+    readonly retryAfterMs: number | null = null,
+  ) {
+    super(message);
+  }
+}
+
+async function call<T>(base: string, method: string, path: string, body?: unknown, headers: Record<string, string> = {}): Promise<T> {
   let res: Response;
   try {
     res = await fetch(base + path, {
       method,
-      headers: { ...(body === undefined ? {} : { 'content-type': 'application/json' }), 'x-gpuvm-actor': `cli:${process.env.USER ?? userInfo().username}` },
+      headers: { ...(body === undefined ? {} : { 'content-type': 'application/json' }), 'x-gpuvm-actor': `cli:${process.env.USER ?? userInfo().username}`, ...headers },
       body: body === undefined ? undefined : JSON.stringify(body),
     });
   } catch {
-    throw new CliError(`cannot reach the gpuvm service at ${base} (is \`gpuvm serve\` running? set --url or GPUVM_URL)`);
+    throw new ServiceError(`cannot reach the gpuvm service at ${base} (is \`gpuvm serve\` running? set --url or GPUVM_URL)`, null);
   }
   const text = await res.text();
   let parsed: any;
   try {
     parsed = text ? JSON.parse(text) : null;
   } catch {
-    throw new CliError(`the service at ${base} answered ${res.status} with something that is not JSON`);
+    throw new ServiceError(`the service at ${base} answered ${res.status} with something that is not JSON`, res.status);
   }
-  if (!res.ok) throw new CliError(parsed?.error?.message ?? `the service answered ${res.status}`);
+  if (!res.ok) {
+    const retryAfter = Number(res.headers.get('retry-after'));
+    throw new ServiceError(parsed?.error?.message ?? `the service answered ${res.status}`, res.status, Number.isFinite(retryAfter) && retryAfter > 0 ? retryAfter * 1000 : null);
+  }
   return parsed as T;
+}
+
+/**
+ * A create, sent with an Idempotency-Key and sent again with the same key when its answer may have
+ * been lost (no answer, a 5xx) or the service is starting (503): the service returns the VM that key
+ * made, so a retry never makes a second VM.
+ */
+async function createWithRetry<T>(base: string, path: string, body: unknown, timeoutMs = 30_000): Promise<T> {
+  const key = randomUUID();
+  const deadline = Date.now() + timeoutMs;
+  for (let pause = 250; ; pause = Math.min(pause * 2, 2000)) {
+    try {
+      return await call<T>(base, 'POST', path, body, { 'idempotency-key': key });
+    } catch (err) {
+      const retryable = err instanceof ServiceError && (err.status === null || err.status >= 500);
+      const wait = (err instanceof ServiceError && err.retryAfterMs) || pause;
+      if (!retryable || Date.now() + wait > deadline) throw err;
+      if (err.status === 503) process.stderr.write(`${err.message}\n`);
+      await new Promise((r) => setTimeout(r, wait));
+    }
+  }
 }
 
 /** A VM as the API sends it: the projection row, its timestamps as ISO strings. */
@@ -193,7 +228,7 @@ function program(): Command {
       const base = serviceUrl(cli.opts());
       const gpus = Number(o.gpus);
       if (!Number.isInteger(gpus)) throw new CliError(`--gpus must be 1, 2, 4 or 8 (got ${JSON.stringify(o.gpus)})`);
-      let created = await call<VmJson>(base, 'POST', '/v1/vms', { gpus, ...(o.name === undefined ? {} : { name: o.name }) });
+      let created = await createWithRetry<VmJson>(base, '/v1/vms', { gpus, ...(o.name === undefined ? {} : { name: o.name }) });
       if (o.wait) {
         created = await waitFor(base, created.id, ['running', 'failed', 'crashed', 'deleted'], Number(o.timeout) * 1000);
         if (created.state !== 'running') throw new CliError(`VM ${created.id} ended ${created.state}: ${created.reason ?? 'no reason recorded'}`);

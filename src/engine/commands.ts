@@ -164,6 +164,11 @@ export interface LocalWorker {
   claimOnWrite(): ClaimOnWrite | undefined;
   /** Call after the write committed: launches what was handed over, schedules what was left pending. */
   handOver(result: ApplyResult): void;
+  /**
+   * After a write whose answer was lost but which committed (read back): launches the effects it
+   * handed to this worker under `correlationId`, which nothing else would run before their lease ends.
+   */
+  adopt(correlationId: string): Promise<void>;
 }
 
 export interface ApplyOptions {

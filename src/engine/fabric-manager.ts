@@ -14,8 +14,13 @@ import type { Database } from '../store/schema.ts';
 import { applyEvent, inTransaction, type EffectPolicy } from './commands.ts';
 import { Periodic } from './periodic.ts';
 
-/** Partition states in which Fabric Manager has (or may still have) the partition active. */
-export const ACTIVE_IN_LOG = ['confirmingActive', 'binding', 'ready', 'unbinding', 'deactivating', 'confirmingInactive', 'broken'];
+/**
+ * Partition states in which Fabric Manager has (or may still have) the partition active. A partition
+ * under repair may still run under a stray QEMU until the repair has seen it gone: declaring it active
+ * errs in the safe direction (the repair deactivates it afterwards), declaring it inactive would take
+ * it away from under a live VM.
+ */
+export const ACTIVE_IN_LOG = ['confirmingActive', 'binding', 'ready', 'unbinding', 'deactivating', 'confirmingInactive', 'broken', 'repairing', 'unrepaired'];
 
 /** What Fabric Manager answers while it waits for the activated list. */
 export function isWaitingForActivatedList(err: unknown): boolean {

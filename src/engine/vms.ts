@@ -90,8 +90,10 @@ export class VmService {
       // The same key racing itself, or an ambiguous commit (the connection dropped after COMMIT):
       // the log says whether the VM was made.
       const made = await this.createdBy(causationId).catch(() => null);
-      if (made) return this.sameRequest(made, req);
-      throw err;
+      if (!made) throw err;
+      // The write committed: the effects it handed to this process's worker start now, not after their lease.
+      await this.worker?.adopt(made.id).catch(() => {});
+      return this.sameRequest(made, req);
     }
   }
 

@@ -208,6 +208,10 @@ export class EffectWorker {
     if (result.pendingDueAt) this.noteDue(result.pendingDueAt);
   }
 
+  async adopt(correlationId: string): Promise<void> {
+    for (const e of await this.claimOrphans(correlationId)) this.launch(e);
+  }
+
   /** An effect of this host falls due at `at`: wake then (or now). */
   noteDue(at: Date): void {
     const due = at.getTime();
