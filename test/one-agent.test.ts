@@ -4,7 +4,7 @@
  * is its owner's alone.
  */
 import { execFile } from 'node:child_process';
-import { readdirSync, rmSync, statSync } from 'node:fs';
+import { lstatSync, readdirSync, rmSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
@@ -15,12 +15,12 @@ import { freshDatabaseUrl, tempDir, usingPostgres } from './support/env.ts';
 
 const BIN = fileURLToPath(new URL('../bin/gpuvm.js', import.meta.url));
 
-/** Every file and folder under `dir` with its mode and modification time. */
+/** Every file and folder under `dir` (symbolic links, as in the simulated sysfs, not followed) with its mode and modification time. */
 function walk(dir: string, out = new Map<string, { mode: number; mtimeMs: number }>()): Map<string, { mode: number; mtimeMs: number }> {
   for (const name of readdirSync(dir)) {
     const path = join(dir, name);
-    const st = statSync(path, { throwIfNoEntry: false });
-    if (!st) continue;
+    const st = lstatSync(path, { throwIfNoEntry: false });
+    if (!st || st.isSymbolicLink()) continue;
     out.set(path, { mode: st.mode, mtimeMs: st.mtimeMs });
     if (st.isDirectory()) walk(path, out);
   }

@@ -4,7 +4,8 @@
  * (LISTEN/NOTIFY) are here too, so nothing else in gpuvm knows which one it runs on.
  */
 import { createHash } from 'node:crypto';
-import { mkdirSync } from 'node:fs';
+import { chmodSync, lstatSync, mkdirSync, readdirSync } from 'node:fs';
+import { join } from 'node:path';
 import { Kysely, Migrator, PostgresDialect, type MigrationResultSet } from 'kysely';
 import pg from 'pg';
 import { migrations } from '../../migrations/index.ts';
@@ -156,6 +157,7 @@ async function openPGlite(dir: string): Promise<Db> {
   const { PGlite } = await import('@electric-sql/pglite');
   const pglite = new PGlite(dir);
   await pglite.waitReady;
+  if (!dir.startsWith('memory://')) ownerOnly(dir);
   const kysely = new Kysely<Database>({ dialect: new PGliteDialect(pglite) });
   return {
     kysely,
@@ -179,6 +181,21 @@ async function openPGlite(dir: string): Promise<Db> {
       await kysely.destroy();
     },
   };
+}
+
+/**
+ * PGlite unpacks a new database's files readable and writable by everyone (0666), whatever the
+ * umask; later files follow the umask. The data folder is its owner's alone: take group and others'
+ * bits off everything in it (symbolic links aside).
+ */
+function ownerOnly(dir: string): void {
+  for (const entry of readdirSync(dir, { withFileTypes: true })) {
+    if (entry.isSymbolicLink()) continue;
+    const path = join(dir, entry.name);
+    const mode = lstatSync(path).mode & 0o777;
+    if ((mode & 0o077) !== 0) chmodSync(path, mode & 0o700);
+    if (entry.isDirectory()) ownerOnly(path);
+  }
 }
 
 export async function migrate(db: Db): Promise<MigrationResultSet> {
