@@ -1,7 +1,8 @@
 /** The machines by stream kind. A stream id is `<kind>:<rest>`: `vm:<id>`, `partition:<host>:<n>`, `host:<id>`. */
-import { hostMachine, HOST_MACHINE_VERSION } from './host.ts';
-import { partitionMachine, PARTITION_MACHINE_VERSION, vmNoticeEvent, type NotifyVmParams } from './partition.ts';
-import { vmMachine, VM_MACHINE_VERSION } from './vm.ts';
+import type { StateMachine } from 'xstate';
+import { hostMachine, HOST_MACHINE_VERSION, type HostEvent } from './host.ts';
+import { partitionMachine, PARTITION_MACHINE_VERSION, vmNoticeEvent, type NotifyVmParams, type PartitionEvent } from './partition.ts';
+import { vmMachine, VM_MACHINE_VERSION, type VmEvent } from './vm.ts';
 
 /**
  * `timers`: the machine sets durable timers (effects with a `delayMs` param). A timer lives as long
@@ -22,9 +23,38 @@ export function streamKind(streamId: string): StreamKind {
   return kind;
 }
 
-export const vmStream = (vmId: string) => `vm:${vmId}`;
-export const partitionStream = (hostId: string, partitionId: number) => `partition:${hostId}:${partitionId}`;
-export const hostStream = (hostId: string) => `host:${hostId}`;
+export const vmStream = (vmId: string): `vm:${string}` => `vm:${vmId}`;
+export const partitionStream = (hostId: string, partitionId: number): `partition:${string}` => `partition:${hostId}:${partitionId}`;
+export const hostStream = (hostId: string): `host:${string}` => `host:${hostId}`;
+
+/**
+ * An event for a stream, typed by the stream's kind: an effect's outcome can only deliver an event
+ * the receiving stream's own machine declares.
+ */
+export type Delivery =
+  | { streamId: `vm:${string}`; event: VmEvent }
+  | { streamId: `partition:${string}`; event: PartitionEvent }
+  | { streamId: `host:${string}`; event: HostEvent };
+
+type ActionsOf<M> = M extends StateMachine<any, any, any, any, infer A, any, any, any, any, any, any, any, any, any> ? A : never;
+
+/**
+ * A machine's effects, derived from its own definition: name → params. Effects are the declared
+ * actions that take params; assign actions (context updates) take none.
+ */
+export type EffectsOf<M> = {
+  [A in ActionsOf<M> as A extends { type: infer T extends string; params: infer P } ? (unknown extends P ? never : T) : never]: A extends { params: infer P } ? P : never;
+};
+
+/** Every effect of every machine, by name: what the engine's handlers must implement (src/engine/handlers.ts). */
+export type Effects = EffectsOf<typeof vmMachine> & EffectsOf<typeof partitionMachine> & EffectsOf<typeof hostMachine>;
+
+/** The same at run time: a machine's declared actions, less its assign actions. */
+export function effectNames(kind: StreamKind): string[] {
+  return Object.entries(machines[kind].machine.implementations.actions)
+    .filter(([, a]) => (a as { type?: string }).type !== 'xstate.assign')
+    .map(([name]) => name);
+}
 
 /**
  * Effects that only carry a message from one stream to another: no host I/O, and the event they
@@ -32,7 +62,7 @@ export const hostStream = (hostId: string) => `host:${hostId}`;
  * as the step that asks for it whenever the receiving stream accepts it (src/engine/commands.ts),
  * and through the outbox and a worker otherwise; the history reads the same either way.
  */
-export const MESSAGE_EFFECTS: Record<string, (params: Record<string, unknown>) => { streamId: string; event: { type: string; [key: string]: unknown } }> = {
+export const MESSAGE_EFFECTS: Record<string, (params: Record<string, unknown>) => Delivery> = {
   notifyVm: (params) => {
     const p = params as unknown as NotifyVmParams;
     return { streamId: vmStream(p.vmId), event: vmNoticeEvent(p) };

@@ -131,7 +131,7 @@ export type VmNotice = 'PARTITION_READY' | 'PARTITION_RELEASED' | 'PARTITION_FAI
 export type NotifyVmParams = PartitionEffectParams & { notice: VmNotice; reason: string | null };
 
 /** The event a notifyVm effect delivers to the VM's stream. */
-export function vmNoticeEvent(p: NotifyVmParams): { type: VmNotice; reason?: string } {
+export function vmNoticeEvent(p: NotifyVmParams): { type: 'PARTITION_READY' | 'PARTITION_RELEASED' } | { type: 'PARTITION_FAILED'; reason: string } {
   return p.notice === 'PARTITION_FAILED' ? { type: p.notice, reason: p.reason ?? 'unknown' } : { type: p.notice };
 }
 

@@ -2,6 +2,9 @@
 import { describe, expect, it } from 'vitest';
 import { decide, type MachineEvent } from '../src/engine/decide.ts';
 import type { StreamSnapshot } from '../src/store/projections.ts';
+import { effectNames } from '../machines/index.ts';
+import { createHandlers, type Handlers } from '../src/engine/handlers.ts';
+import type { HostAdapters } from '../src/host/host.ts';
 
 function run(streamId: string, events: MachineEvent[]) {
   let snap = null as StreamSnapshot | null;
@@ -274,3 +277,23 @@ describe('partition effect failures, repair and registration', () => {
     expect(decide('vm:x', null, { type: 'DELETE' }).kind).toBe('rejected');
   });
 });
+
+describe('the effect boundary: machine → handler → outcome', () => {
+  it('every effect each machine declares has a handler, and every handler answers an effect', () => {
+    const declared = (['vm', 'partition', 'host'] as const).flatMap(effectNames).sort();
+    expect(declared).toContain('startQemu');
+    expect(declared).toContain('repairPartition');
+    expect(declared).not.toContain('rememberDelete'); // an assign action: a context update, not an effect
+    expect(Object.keys(createHandlers({} as HostAdapters)).sort()).toEqual(declared);
+  });
+
+  it('is typed end to end (checked by tsc: an outcome its stream cannot take does not compile)', () => {
+    // @ts-expect-error BOGUS is not an event of the partition machine
+    const bad: Handlers['bindVfio'] = async () => ({ deliver: { streamId: 'partition:h:1', event: { type: 'BOGUS' } } });
+    // @ts-expect-error startQemu's params carry the GPUs, memory and vCPUs
+    const wrong: Handlers['startQemu'] = async (p: { vmId: string; other: number }) => ({ note: String(p.other) });
+    const good: Handlers['bindVfio'] = async () => ({ deliver: { streamId: 'partition:h:1', event: { type: 'BOUND_VFIO' } } });
+    expect([bad, wrong, good]).toHaveLength(3);
+  });
+});
+

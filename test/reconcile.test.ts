@@ -99,7 +99,7 @@ describe(`reconciliation (${usingPostgres ? 'postgres' : 'pglite'})`, () => {
     const gpu = sim.gpus.find((g) => g.moduleId === 2)!;
     await startStrayQemu('vm-stray00002', gpu.pciAddress);
     const handlers = createHandlers(host);
-    const params = { hostId: host.hostId, partitionId: 9, gpus: [{ moduleId: 2, pciAddress: gpu.pciAddress }], strayQemu: ['vm-stray00002'], drift: 'gpu-off-host-driver' };
+    const params = { hostId: host.hostId, partitionId: 9, gpus: [{ moduleId: 2, pciAddress: gpu.pciAddress }], strayQemu: ['vm-stray00002'], drift: 'gpu-off-host-driver' as const };
     await expect(handlers.repairPartition!(params, await handlerContext(t.service, 'partition:sim-b200:9'))).rejects.toThrow(/stray QEMU of vm-stray00002 .* still runs/);
     await host.qemu.terminate('vm-stray00002');
     await host.qemu.cleanup('vm-stray00002');

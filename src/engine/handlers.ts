@@ -9,6 +9,10 @@
  * partition, never acts.
  */
 import {
+  type Effects,
+  type NotifyVmParams,
+  type PartitionEvent,
+  type VmEvent,
   hostStream,
   MESSAGE_EFFECTS,
   partitionStream,
@@ -21,9 +25,8 @@ import {
 } from '../../machines/index.ts';
 import type { HostAdapters } from '../host/host.ts';
 import { QemuError, type QemuStatus } from '../host/qemu.ts';
-import type { MachineEvent } from './decide.ts';
 import { isWaitingForActivatedList } from './fabric-manager.ts';
-import type { EffectContext, EffectHandlers, EffectOutcome } from './worker.ts';
+import type { EffectContext, EffectOutcome } from './worker.ts';
 import type { FenceStamp } from '../host/fence.ts';
 
 /** The stream version in an effect id (`<stream>@<version>#<index>`): the generation the host fence compares. */
@@ -64,10 +67,10 @@ class RefusedError extends Error {
   readonly retryable = false;
 }
 
-const toVm = (p: { vmId: string }, event: MachineEvent): EffectOutcome => ({
+const toVm = (p: { vmId: string }, event: VmEvent): EffectOutcome => ({
   deliver: { streamId: vmStream(p.vmId), event },
 });
-const toPartition = (p: { hostId: string; partitionId: number }, event: MachineEvent): EffectOutcome => ({
+const toPartition = (p: { hostId: string; partitionId: number }, event: PartitionEvent): EffectOutcome => ({
   deliver: { streamId: partitionStream(p.hostId, p.partitionId), event },
 });
 
@@ -76,7 +79,14 @@ export interface HandlerHooks {
   fabricManagerWaiting?: () => void;
 }
 
-export function createHandlers(host: HostAdapters, hooks: HandlerHooks = {}): EffectHandlers {
+/**
+ * One handler per effect the machines declare (machines/index.ts `Effects`): a missing handler, a
+ * handler of an effect no machine declares, wrong params, or an outcome delivering an event the
+ * receiving stream's machine does not know, each fails to compile.
+ */
+export type Handlers = { [K in keyof Effects]: (params: Effects[K], ctx: EffectContext) => Promise<EffectOutcome> };
+
+export function createHandlers(host: HostAdapters, hooks: HandlerHooks = {}): Handlers {
   /**
    * Runs an fmpm call. A refusal from a restarted Fabric Manager (NOT_CONFIGURED: it waits for its
    * activated list) wakes the guard, and is "not yet", not a failure.
@@ -168,8 +178,8 @@ export function createHandlers(host: HostAdapters, hooks: HandlerHooks = {}): Ef
     },
 
     /** A message (MESSAGE_EFFECTS): run here only when it could not be delivered with the step that asked for it. */
-    async notifyVm(params: Record<string, unknown>) {
-      return { deliver: MESSAGE_EFFECTS.notifyVm!(params) };
+    async notifyVm(params: NotifyVmParams) {
+      return { deliver: MESSAGE_EFFECTS.notifyVm!(params as unknown as Record<string, unknown>) };
     },
 
     /** Drift repair, in the safe direction and in the release order: no stray QEMU, GPUs home, fmpm -d. */

@@ -23,6 +23,7 @@ import { DuplicateCausationError } from '../store/events.ts';
 import { StepBatcher } from '../store/step.ts';
 import { applyEvent, LostLeaseError, retrying, SnapshotCache, type ApplyResult, type ClaimedEffect, type ClaimOnWrite, type EffectPolicy } from './commands.ts';
 import type { MachineEvent } from './decide.ts';
+import type { Delivery } from '../../machines/index.ts';
 import { crashPoint } from './crash-points.ts';
 
 export type { ClaimedEffect };
@@ -49,7 +50,7 @@ export function isNotYet(err: unknown): boolean {
 
 /** What a handler reports: usually an event for a stream (its own, or another for cross-stream steps). */
 export interface EffectOutcome {
-  deliver?: { streamId: string; event: MachineEvent };
+  deliver?: Delivery;
   note?: string;
 }
 
