@@ -5,7 +5,8 @@
  */
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { partitionStream, vmStream } from '../machines/index.ts';
-import { applyEvent, SnapshotCache, type CommandMeta } from '../src/engine/commands.ts';
+import { applyEvent, type CommandMeta } from '../src/engine/commands.ts';
+import { SnapshotCache } from '../src/engine/snapshot-cache.ts';
 import { verifyHistory } from '../src/engine/verify.ts';
 import { ConcurrencyError, readStream } from '../src/store/events.ts';
 import type { Db } from '../src/store/db.ts';

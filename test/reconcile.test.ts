@@ -8,7 +8,8 @@ import { existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { vmStream } from '../machines/index.ts';
-import { applyEvent, inTransaction } from '../src/engine/commands.ts';
+import { applyEvent } from '../src/engine/commands.ts';
+import { inTransaction } from '../src/engine/retrying.ts';
 import { createHandlers } from '../src/engine/handlers.ts';
 import { verifyProjections } from '../src/engine/rebuild.ts';
 import { retryPolicy } from '../src/service.ts';

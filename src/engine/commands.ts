@@ -6,15 +6,15 @@
  * sends (withMessages). prepareStep and commitSteps are the two halves, for a caller that writes
  * several decided steps as one unit (a VM's create: its partition's CLAIM and its CREATE).
  */
-import { sql, type Kysely } from 'kysely';
+import { sql } from 'kysely';
 import { machines, MESSAGE_EFFECTS, streamKind } from '../../machines/index.ts';
-import { ConcurrencyError, type Executor } from '../store/events.ts';
+import type { Executor } from '../store/events.ts';
 import { claimChange, readRowOf, type StreamSnapshot } from '../store/projections.ts';
 import { PREPARED } from '../store/db.ts';
 import { NOW, writeSteps, type EffectClose, type NewEffect, type StepBatcher, type StepWrite, type StepWritten } from '../store/step.ts';
-import type { Database } from '../store/schema.ts';
 import { decide, type Decision, type MachineEvent } from './decide.ts';
 import { crashPoint } from './crash-points.ts';
+import type { SnapshotCache } from './snapshot-cache.ts';
 
 export interface CommandMeta {
   actor: string;
@@ -109,48 +109,6 @@ export class LostLeaseError extends Error {
   constructor(readonly effectId: string) {
     super(`the lease of effect ${effectId} is no longer held by this worker`);
     this.name = 'LostLeaseError';
-  }
-}
-
-/**
- * The snapshots this process committed, so that the next step of a stream need not read its
- * snapshot back, and so that a request waiting for a VM hears of its steps at once (`watch`).
- * A snapshot that another writer has since moved past is harmless: the step's insert at version+1
- * then fails with ConcurrencyError, the entry is dropped, and the retry reads the stream. Only
- * committed snapshots are kept, so an entry is never ahead of the log. Bounded: the oldest go first.
- */
-export class SnapshotCache {
-  private readonly entries = new Map<string, StreamSnapshot>();
-  private readonly watchers = new Map<string, Set<(snapshot: StreamSnapshot) => void>>();
-  constructor(private readonly max = 10_000) {}
-
-  get(streamId: string): StreamSnapshot | undefined {
-    return this.entries.get(streamId);
-  }
-
-  /** Call only once `snapshot` is committed. An older version than the one kept is ignored (a late hand-over). */
-  remember(snapshot: StreamSnapshot): void {
-    const kept = this.entries.get(snapshot.streamId);
-    if (kept && kept.version > snapshot.version) return;
-    this.entries.delete(snapshot.streamId);
-    this.entries.set(snapshot.streamId, snapshot);
-    if (this.entries.size > this.max) this.entries.delete(this.entries.keys().next().value!);
-    for (const watcher of this.watchers.get(snapshot.streamId) ?? []) watcher(snapshot);
-  }
-
-  forget(streamId: string): void {
-    this.entries.delete(streamId);
-  }
-
-  /** Calls `watcher` with every snapshot of the stream this process commits from now on; returns the unwatch function. */
-  watch(streamId: string, watcher: (snapshot: StreamSnapshot) => void): () => void {
-    let set = this.watchers.get(streamId);
-    if (!set) this.watchers.set(streamId, (set = new Set()));
-    set.add(watcher);
-    return () => {
-      set.delete(watcher);
-      if (set.size === 0) this.watchers.delete(streamId);
-    };
   }
 }
 
@@ -393,33 +351,4 @@ export async function commitSteps(tx: Executor, steps: PreparedStep[], opts: Pic
     const pendingDueAt = mine && pending.length > 0 ? new Date(Date.now() + Math.min(...pending.map((e) => e.delayMs))) : null;
     return { kind: 'changed' as const, snapshot: stored, position, claimed, pendingDueAt };
   });
-}
-
-/** Serialization failures and deadlocks are worth a retry, like a lost optimistic race. */
-function isRetryable(err: unknown): boolean {
-  if (err instanceof ConcurrencyError) return true;
-  const code = (err as { code?: string })?.code;
-  return code === '40001' || code === '40P01';
-}
-
-/**
- * Runs `work` again from scratch when it lost a race (another writer moved a stream it read, a
- * serialization failure, a deadlock). Each try decides again on fresh state.
- */
-export async function retrying<T>(work: () => Promise<T>, opts: { retries?: number } = {}): Promise<T> {
-  const retries = opts.retries ?? 20;
-  for (let attempt = 0; ; attempt++) {
-    try {
-      return await work();
-    } catch (err) {
-      if (!isRetryable(err) || attempt >= retries) throw err;
-      // A short randomised pause spreads out writers that collided on the same stream.
-      await new Promise((r) => setTimeout(r, Math.random() * Math.min(50, 2 ** attempt)));
-    }
-  }
-}
-
-/** Runs `work` in a transaction, retried as a whole (see retrying). */
-export function inTransaction<T>(db: Kysely<Database>, work: (tx: Executor) => Promise<T>, opts: { retries?: number } = {}): Promise<T> {
-  return retrying(() => db.transaction().execute(work), opts);
 }

@@ -11,7 +11,8 @@ import { FmpmError } from '../host/fmpm.ts';
 import type { HostAdapters } from '../host/host.ts';
 import type { Logger } from '../log.ts';
 import type { Database } from '../store/schema.ts';
-import { applyEvent, inTransaction, type EffectPolicy } from './commands.ts';
+import { applyEvent, type EffectPolicy } from './commands.ts';
+import { inTransaction } from './retrying.ts';
 import { Periodic } from './periodic.ts';
 
 /**

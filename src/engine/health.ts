@@ -14,7 +14,8 @@ import type { HostAdapters } from '../host/host.ts';
 import type { Logger } from '../log.ts';
 import { DuplicateCausationError } from '../store/events.ts';
 import type { Database } from '../store/schema.ts';
-import { applyEvent, inTransaction, loadSnapshot, type EffectPolicy } from './commands.ts';
+import { applyEvent, loadSnapshot, type EffectPolicy } from './commands.ts';
+import { inTransaction } from './retrying.ts';
 import type { MachineEvent } from './decide.ts';
 import { Periodic } from './periodic.ts';
 

@@ -13,7 +13,8 @@ import type { Logger } from '../log.ts';
 import { partitionRow, type PartitionRow } from '../store/projections.ts';
 import type { Database } from '../store/schema.ts';
 import { conflict, notFound } from '../errors.ts';
-import { applyEvent, inTransaction, loadSnapshot, type EffectPolicy } from './commands.ts';
+import { applyEvent, loadSnapshot, type EffectPolicy } from './commands.ts';
+import { inTransaction } from './retrying.ts';
 
 export async function registerHost(
   db: Kysely<Database>,

@@ -12,7 +12,8 @@ import type { HostAdapters } from '../host/host.ts';
 import type { Logger } from '../log.ts';
 import type { Database } from '../store/schema.ts';
 import { DuplicateCausationError } from '../store/events.ts';
-import { applyEvent, loadSnapshot, retrying, type EffectPolicy, type LocalWorker } from './commands.ts';
+import { applyEvent, loadSnapshot, type EffectPolicy, type LocalWorker } from './commands.ts';
+import { retrying } from './retrying.ts';
 import { Periodic } from './periodic.ts';
 import { crashPoint } from './crash-points.ts';
 

@@ -11,7 +11,8 @@ import { readEffectsWithTries } from '../store/effects.ts';
 import { isClaimConflict, vmRow, type StreamSnapshot, type VmRow } from '../store/projections.ts';
 import { PREPARED } from '../store/db.ts';
 import type { Database } from '../store/schema.ts';
-import { applyEvent, commitSteps, prepareStep, retrying, type EffectPolicy, type LocalWorker } from './commands.ts';
+import { applyEvent, commitSteps, prepareStep, type EffectPolicy, type LocalWorker } from './commands.ts';
+import { retrying } from './retrying.ts';
 import { choosePartition, GPU_COUNTS } from './placement.ts';
 import { crashPoint } from './crash-points.ts';
 
