@@ -130,7 +130,9 @@ export class Reconciler {
   async firstJudgement(): Promise<void> {
     while (!this.judged) {
       if (this.stopped) throw new Error('reconciliation stopped before its first pass');
-      await this.reconcile().catch((err) => this.opts.log.warn({ hostId: this.host.hostId, err: String(err) }, 'reconciliation pass failed; trying again'));
+      await this.reconcile().catch((err) => {
+        if (!this.stopped) this.opts.log.warn({ hostId: this.host.hostId, err: String(err) }, 'reconciliation pass failed; trying again');
+      });
       if (!this.judged) await new Promise((r) => setTimeout(r, 1000));
     }
   }
