@@ -113,6 +113,29 @@ function processAlive(pid: number): boolean {
   }
 }
 
+/** An effects row as the worker runs it. */
+function claimedEffect(
+  r: { id: string; stream_id: string; host_id: string; type: string; params: Record<string, unknown>; correlation_id: string; attempts: number; max_attempts: number; claimed_at: Date | string | null; waits: number; waiting_since: Date | string | null },
+  epoch: number,
+  exhausted: boolean,
+): ClaimedEffect {
+  return {
+    id: r.id,
+    streamId: r.stream_id,
+    hostId: r.host_id,
+    type: r.type,
+    params: r.params,
+    correlationId: r.correlation_id,
+    attempt: r.attempts,
+    maxAttempts: r.max_attempts,
+    claimedAt: new Date(r.claimed_at!),
+    epoch,
+    waits: r.waits,
+    waitingSince: r.waiting_since ? new Date(r.waiting_since) : null,
+    exhausted,
+  };
+}
+
 export class EffectWorker {
   readonly workerId: string;
   private readonly db: Kysely<Database>;
@@ -369,22 +392,7 @@ export class EffectWorker {
         .onConflict((oc) => oc.doNothing())
         .execute();
     }
-    const claimed = takenRows.map((r) => ({
-      id: r.id,
-      streamId: r.stream_id,
-      hostId: r.host_id,
-      type: r.type,
-      params: r.params,
-      correlationId: r.correlation_id,
-      attempt: r.attempts,
-      maxAttempts: r.max_attempts,
-      claimedAt: new Date(r.claimed_at),
-      epoch,
-      waits: r.waits,
-      waitingSince: r.waiting_since ? new Date(r.waiting_since) : null,
-      exhausted: r.exhausted,
-    }));
-    return { claimed, nextDue };
+    return { claimed: takenRows.map((r) => claimedEffect(r, epoch, r.exhausted)), nextDue };
   }
 
   private launch(effect: ClaimedEffect): void {
@@ -504,23 +512,7 @@ export class EffectWorker {
         .where('lease_epoch', '=', String(this.opts.agent.epoch))
         .execute(),
     );
-    return rows
-      .filter((r) => !this.inFlight.has(r.id) && !this.abandoned.has(r.id))
-      .map((r) => ({
-        id: r.id,
-        streamId: r.stream_id,
-        hostId: r.host_id,
-        type: r.type,
-        params: r.params,
-        correlationId: r.correlation_id,
-        attempt: r.attempts,
-        maxAttempts: r.max_attempts,
-        claimedAt: new Date(r.claimed_at!),
-        epoch: this.opts.agent.epoch,
-        waits: r.waits,
-        waitingSince: r.waiting_since ? new Date(r.waiting_since) : null,
-        exhausted: false,
-      }));
+    return rows.filter((r) => !this.inFlight.has(r.id) && !this.abandoned.has(r.id)).map((r) => claimedEffect(r, this.opts.agent.epoch, false));
   }
 
   /**
