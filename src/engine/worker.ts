@@ -284,7 +284,14 @@ export class EffectWorker {
     await this.opts.agent.renew();
     if (!this.running) return;
     await retrying(() =>
-      this.db.updateTable('effects').set({ lease_until: sql`now()` }).where('host_id', '=', this.opts.hostId).where('status', '=', 'running').where('lease_owner', '=', this.workerId).execute(),
+      this.db
+        .updateTable('effects')
+        .set({ lease_until: sql`now()` })
+        .where('host_id', '=', this.opts.hostId)
+        .where('status', '=', 'running')
+        .where('lease_owner', '=', this.workerId)
+        .where('lease_epoch', '<>', String(this.opts.agent.epoch))
+        .execute(),
     ).catch((err) => this.opts.log.error({ err: describe(err) }, 'could not expire the leases of the lost epoch; they will run out'));
   }
 
