@@ -44,7 +44,15 @@ async function start(walk: Walk): Promise<ServeChild> {
   await child?.kill();
   for (;;) {
     try {
-      child = await startServeChild({ dataDir: walk.dataDir, port: walk.port, databaseUrl: walk.databaseUrl, env: { GPUVM_CRASH_AT: `walk:${walk.visitedFile}` } });
+      child = await startServeChild({
+        dataDir: walk.dataDir,
+        port: walk.port,
+        databaseUrl: walk.databaseUrl,
+        // Every death at a crash point while an effect's try is in flight loses that try, and lost
+        // tries count against its budget: one try here can die five times (its action, its outcome's
+        // commit, the message that commit delivers), so the walk allows more tries than a host does.
+        env: { GPUVM_CRASH_AT: `walk:${walk.visitedFile}`, GPUVM_EFFECT_MAX_ATTEMPTS: '12' },
+      });
       return child;
     } catch (err) {
       // It may die at a crash point while starting up (resuming effects): start it again.
