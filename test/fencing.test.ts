@@ -9,6 +9,7 @@ import { sql } from 'kysely';
 import { HostAgent } from '../src/engine/agent.ts';
 import { NotYetError } from '../src/engine/handlers.ts';
 import { EffectWorker, type EffectHandlers } from '../src/engine/worker.ts';
+import { SnapshotCache } from '../src/engine/snapshot-cache.ts';
 import type { Db } from '../src/store/db.ts';
 import { openFreshDb, usingPostgres } from './support/db.ts';
 import { quietLog, waitUntil } from './support/env.ts';
@@ -198,5 +199,17 @@ describe(`fencing of effect tries (${usingPostgres ? 'postgres' : 'pglite'})`, (
     const next = await HostAgent.start(db, hostId, { command: 'test', heartbeatMs: 50, log: quietLog });
     expect(next.epoch).toBe(agent.epoch + 1);
     await next.stop();
+  });
+});
+
+describe('the committed-snapshot cache', () => {
+  it('never moves back a version: a late hand-over of an older snapshot is ignored', () => {
+    const cache = new SnapshotCache();
+    const snap = (version: number, state: string) => ({ streamId: 'vm:a', kind: 'vm' as const, machineVersion: 2, version, state, context: {}, createdAt: new Date(0), updatedAt: new Date(0) });
+    cache.remember(snap(5, 'running'));
+    cache.remember(snap(4, 'starting'));
+    expect(cache.get('vm:a')).toMatchObject({ version: 5, state: 'running' });
+    cache.remember(snap(6, 'stopping'));
+    expect(cache.get('vm:a')).toMatchObject({ version: 6, state: 'stopping' });
   });
 });
