@@ -206,8 +206,9 @@ export function createHandlers(host: HostAdapters, hooks: HandlerHooks = {}): Ha
     },
 
     // ── host ─────────────────────────────────────────────────────────────────
-    async stopStrayQemu(p: StopStrayQemuParams) {
+    async stopStrayQemu(p: StopStrayQemuParams, ctx: EffectContext) {
       const how = await observing(() => host.qemu.terminate(p.vmId));
+      ctx.signal.throwIfAborted();
       await observing(() => host.qemu.cleanup(p.vmId));
       return { deliver: { streamId: hostStream(p.hostId), event: { type: 'STRAY_QEMU_STOPPED', vmId: p.vmId, how } } };
     },
@@ -248,10 +249,11 @@ export function createHandlers(host: HostAdapters, hooks: HandlerHooks = {}): Ha
       return toVm(p, { type: 'QEMU_EXITED', how });
     },
 
-    async releasePartition(p: VmEffectParams) {
+    async releasePartition(p: VmEffectParams, ctx: EffectContext) {
       const status = await host.qemu.status(p.vmId);
       const why = notGone(p.vmId, status, `not releasing partition ${p.partitionId}`, `QEMU of VM ${p.vmId} is still running; not releasing partition ${p.partitionId}`);
       if (why) throw new NotYetError(why);
+      ctx.signal.throwIfAborted();
       await observing(() => host.qemu.cleanup(p.vmId));
       return { deliver: { streamId: partitionStream(p.hostId, p.partitionId), event: { type: 'RELEASE', vmId: p.vmId } } };
     },
