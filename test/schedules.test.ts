@@ -17,6 +17,7 @@
  *   GPUVM_SCHEDULES_KEEP_GOING=1   record failures and carry on (on a fresh host) instead of stopping
  *   GPUVM_SCHEDULES_VERBOSE=1      print what every schedule did and where its time went
  *   GPUVM_SCHEDULES_PGLITE=1       run on the embedded database too (CI runs this file on Postgres)
+ *   GPUVM_SCHEDULE_FAULTS=k1,k2    fault commands of these kinds only (FAULT_KINDS, clearFaults), to aim a run
  *
  * The seed is printed first; a failure prints the seed, the path, the schedule and what each command
  * did. A schedule runs on a host that earlier schedules used (that is the point: each must leave it
@@ -70,6 +71,9 @@ interface Totals {
   faults: Record<FaultKind, number>;
   outcomes: { deleted: number; failed: number; crashed: number };
   stuck: number;
+  unrepairable: number;
+  fenceRefusals: number;
+  fencedActions: number;
   quarantined: number;
   drifts: number;
   freshHosts: number;
@@ -87,6 +91,9 @@ const totals: Totals = {
   faults: Object.fromEntries(FAULT_KINDS.map((k) => [k, 0])) as Record<FaultKind, number>,
   outcomes: { deleted: 0, failed: 0, crashed: 0 },
   stuck: 0,
+  unrepairable: 0,
+  fenceRefusals: 0,
+  fencedActions: 0,
   quarantined: 0,
   drifts: 0,
   freshHosts: 0,
@@ -112,8 +119,9 @@ function summary(started: number): string {
   return [
     `schedules: seed ${SEED}${PATH ? ` path ${PATH}` : ''}; ${totals.schedules} schedules on ${LANES} lane(s) in ${s(wall)} (${Math.round(wall / Math.max(1, totals.schedules))} ms each)`,
     `  creates ${totals.creates} (+${totals.refused} refused for capacity), deletes ${totals.deletes} (+ the clean-up's), crashes ${totals.crashes}`,
-    `  faults injected: activateFails ${f.activateFails}, deactivateFails ${f.deactivateFails}, fmDown ${f.fmDown}, unbindBusy ${f.unbindBusy}, killQemu ${f.killQemu}, fmRestart ${f.fmRestart}`,
-    `  VM outcomes: ${totals.outcomes.deleted} deleted normally, ${totals.outcomes.failed} failed, ${totals.outcomes.crashed} crashed; partitions left broken/unrepaired ${totals.stuck}, quarantined ${totals.quarantined}; drifts found by reconciliation ${totals.drifts}; fresh hosts ${totals.freshHosts}; whole-history checks ${totals.fullChecks}`,
+    `  faults injected: ${FAULT_KINDS.map((k) => `${k} ${f[k]}`).join(', ')}`,
+    `  VM outcomes: ${totals.outcomes.deleted} deleted normally, ${totals.outcomes.failed} failed, ${totals.outcomes.crashed} crashed; partitions left broken/unrepaired ${totals.stuck} (operator repairs that did not bring one back: ${totals.unrepairable}), quarantined ${totals.quarantined}; drifts found by reconciliation ${totals.drifts}; fresh hosts ${totals.freshHosts}; whole-history checks ${totals.fullChecks}`,
+    `  host fence: ${totals.fencedActions} fenced actions, ${totals.fenceRefusals} refused (a stale epoch or an older cycle stopped on the host)`,
     `  invariant violations: ${totals.violations}`,
     `  time summed over lanes: commands ${s(totals.ms.commands)}, gpuvm (re)starts for crashes ${s(totals.ms.restarts)}, settling ${s(totals.ms.settle)}, checks ${s(totals.ms.checks)}`,
   ].join('\n');
@@ -169,13 +177,16 @@ class Lane {
       totals.outcomes.failed += rest.outcomes.failed;
       totals.outcomes.crashed += rest.outcomes.crashed;
       totals.stuck += rest.stuck.length;
+      totals.unrepairable += rest.unrepairable.length;
+      totals.fenceRefusals += rest.fenceRefusals;
+      totals.fencedActions += rest.fencedActions;
       totals.quarantined += rest.quarantined.length;
       totals.drifts += rest.drifts;
       for (const id of rest.stuck) this.stuckSinceFullCheck.add(id);
       this.sinceFullCheck++;
-      // A stuck partition keeps its GPUs until an operator repairs the host, and gpuvm cannot be
-      // told it was repaired: the next schedule gets a fresh host, once the whole history is verified.
-      freshHost = rest.stuck.length > 0;
+      // A stuck partition keeps its GPUs until an operator repairs it; checkAtRest ran the repair.
+      // One the repair did not bring back costs a fresh host, once the whole history is verified.
+      freshHost = rest.unrepairable.length > 0;
       if (freshHost || last || this.sinceFullCheck >= FULL_CHECK_EVERY) {
         const whole = await checkWholeHistory(this.host.inProcess, this.stuckSinceFullCheck);
         totals.fullChecks++;
@@ -240,7 +251,7 @@ describe.runIf(usingPostgres || process.env.GPUVM_SCHEDULES_PGLITE === '1')(`ran
     const started = Date.now();
     console.log(`schedules: seed ${SEED} (replay with GPUVM_SCHEDULE_SEED=${SEED}), ${NUM_SCHEDULES} schedules on ${LANES} lane(s)`);
     let runIndex = 0;
-    const property = fc.asyncProperty(fc.array(scheduleArbitrary(SHAPE), { minLength: LANES, maxLength: LANES }), async (schedules) => {
+    const property = fc.asyncProperty(fc.array(scheduleArbitrary(SHAPE, process.env.GPUVM_SCHEDULE_FAULTS?.split(',').map((k) => k.trim())), { minLength: LANES, maxLength: LANES }), async (schedules) => {
       const r = runIndex++;
       const path = PATH ?? String(r);
       // A replayed path runs once: that run is the last.

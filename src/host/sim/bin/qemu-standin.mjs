@@ -275,6 +275,24 @@ function guestPowerOff() {
   }
 }
 
+/**
+ * Faults for tests, re-read on each command: the JSON file named by GPUVM_STANDIN_FAULTS,
+ * `{ "hangPowerdown": ["vm-…", …] }` — a listed VM (its `-name guest=<vmId>`) swallows
+ * system_powerdown: no reply, no POWERDOWN, no SHUTDOWN. No variable or no file: no faults.
+ */
+const NO_REPLY = Symbol('no reply');
+const guestName = opts['-name'] === undefined ? undefined : parseOptString(opts['-name'], 'guest').props.guest;
+function hangsPowerdown() {
+  const file = process.env.GPUVM_STANDIN_FAULTS;
+  if (!file || !guestName) return false;
+  try {
+    const faults = JSON.parse(readFileSync(file, 'utf8'));
+    return Array.isArray(faults?.hangPowerdown) && faults.hangPowerdown.includes(guestName);
+  } catch {
+    return false;
+  }
+}
+
 function qmpError(cls, desc) {
   return { error: { class: cls, desc } };
 }
@@ -288,6 +306,8 @@ function handleCommand(cmd, args) {
     case 'query-version':
       return { return: { qemu: { ...VERSION }, package: PACKAGE } };
     case 'system_powerdown':
+      // A fault for tests: a guest (and a QEMU) that never answers the power button.
+      if (hangsPowerdown()) return NO_REPLY;
       emit('POWERDOWN');
       if (runState === 'running') setTimeout(guestPowerOff, 100);
       else powerdownPending = true; // a stopped guest handles the button once resumed
@@ -370,6 +390,7 @@ function handleLine(c, line) {
   } else {
     reply = handleCommand(msg.execute, msg.arguments);
   }
+  if (reply === NO_REPLY) return;
   send({ ...reply, ...idPart });
 }
 
