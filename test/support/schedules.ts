@@ -163,26 +163,26 @@ const lifecycleCommand: fc.Arbitrary<Command> = fc.oneof(
 const FAULT_COMMANDS: { kind: FaultKind | 'clearFaults'; weight: number; arbitrary: fc.Arbitrary<Command> }[] = [
   // Activation matters for VMs created after the fault, so mostly every partition or a likely id;
   // deactivation for VMs already there, so mostly a VM's partition.
-  // Weights in sixths. The engine's own faults: fdLimit costs a `gpuvm serve` child start (~3 CPU
+  // Weights: the host faults at six times their old weights; the engine's own faults: fdLimit costs a `gpuvm serve` child start (~3 CPU
   // seconds) and secondAgent one or two refused ones, so they are rarer than the host's faults.
   { kind: 'activateFails', weight: 12, arbitrary: target(1, 2, 3).map((t) => ({ do: 'activateFails', target: t }) as Command) },
   { kind: 'deactivateFails', weight: 6, arbitrary: fc.record({ target: target(3, 1, 1), fmReturn: fc.constantFrom(-1, -9) }).map((c) => ({ do: 'deactivateFails', ...c }) as Command) },
   { kind: 'fmDown', weight: 12, arbitrary: fc.constant({ do: 'fmDown' } as Command) },
   {
-    kind: 'fmRestartAfterActivate',
+    kind: 'unbindBusy',
     weight: 12,
     arbitrary: fc
       .oneof(vmIndex.map((vm) => ({ vm })), fc.nat({ max: 7 }).map((gpu) => ({ gpu })))
       .map((t) => ({ do: 'unbindBusy', target: t }) as Command),
   },
-  { kind: 'unbindBusy', weight: 18, arbitrary: vmIndex.map((vm) => ({ do: 'killQemu', vm }) as Command) },
-  { kind: 'killQemu', weight: 12, arbitrary: fc.constant({ do: 'fmRestart' } as Command) },
-  { kind: 'fmRestart', weight: 18, arbitrary: fc.constantFrom('fmpm', 'sysfs', 'all').map((what) => ({ do: 'clearFaults', what }) as Command) },
-  { kind: 'clearFaults', weight: 4, arbitrary: fc.integer({ min: 300, max: 2000 }).map((ms) => ({ do: 'fdLimit', ms }) as Command) },
-  { kind: 'fdLimit', weight: 8, arbitrary: vmIndex.map((vm) => ({ do: 'hungQmp', vm }) as Command) },
-  { kind: 'hungQmp', weight: 8, arbitrary: fc.integer({ min: 2000, max: 3000 }).map((pauseMs) => ({ do: 'leaseLoss', pauseMs }) as Command) },
-  { kind: 'leaseLoss', weight: 2, arbitrary: fc.constant({ do: 'secondAgent' } as Command) },
-  { kind: 'secondAgent', weight: 8, arbitrary: fc.constant({ do: 'fmRestartAfterActivate' } as Command) },
+  { kind: 'killQemu', weight: 18, arbitrary: vmIndex.map((vm) => ({ do: 'killQemu', vm }) as Command) },
+  { kind: 'fmRestart', weight: 12, arbitrary: fc.constant({ do: 'fmRestart' } as Command) },
+  { kind: 'clearFaults', weight: 18, arbitrary: fc.constantFrom('fmpm', 'sysfs', 'all').map((what) => ({ do: 'clearFaults', what }) as Command) },
+  { kind: 'fdLimit', weight: 4, arbitrary: fc.integer({ min: 300, max: 2000 }).map((ms) => ({ do: 'fdLimit', ms }) as Command) },
+  { kind: 'hungQmp', weight: 8, arbitrary: vmIndex.map((vm) => ({ do: 'hungQmp', vm }) as Command) },
+  { kind: 'leaseLoss', weight: 8, arbitrary: fc.integer({ min: 2000, max: 3000 }).map((pauseMs) => ({ do: 'leaseLoss', pauseMs }) as Command) },
+  { kind: 'secondAgent', weight: 2, arbitrary: fc.constant({ do: 'secondAgent' } as Command) },
+  { kind: 'fmRestartAfterActivate', weight: 8, arbitrary: fc.constant({ do: 'fmRestartAfterActivate' } as Command) },
 ];
 /** The fault commands, or (GPUVM_SCHEDULE_FAULTS=kind,… to aim a run at some) only those of the kinds named. */
 function faultCommand(only?: readonly string[]): fc.Arbitrary<Command> {
