@@ -277,8 +277,9 @@ function guestPowerOff() {
 
 /**
  * Faults for tests, re-read on each command: the JSON file named by GPUVM_STANDIN_FAULTS,
- * `{ "hangPowerdown": ["vm-…", …] }` — a listed VM (its `-name guest=<vmId>`) swallows
- * system_powerdown: no reply, no POWERDOWN, no SHUTDOWN. No variable or no file: no faults.
+ * `{ "hangPowerdown": ["vm-…", …] }` — a listed VM (its `-name guest=<vmId>`) is hung: it swallows
+ * system_powerdown (no reply, no POWERDOWN, no SHUTDOWN) and ignores SIGTERM, so a powerdown try
+ * outlives the powerdown timer and fails late on its QMP timeout. No variable or no file: no faults.
  */
 const NO_REPLY = Symbol('no reply');
 const guestName = opts['-name'] === undefined ? undefined : parseOptString(opts['-name'], 'guest').props.guest;
@@ -430,6 +431,8 @@ if (qmpPath) {
 
 for (const [signal, num] of [['SIGTERM', 15], ['SIGINT', 2], ['SIGHUP', 1]]) {
   process.on(signal, () => {
+    // A hung QEMU (the same fault): its main loop never gets to the signal; only SIGKILL ends it.
+    if (signal === 'SIGTERM' && hangsPowerdown()) return;
     process.stderr.write(`${PROG}: terminating on signal ${num}\n`);
     emit('SHUTDOWN', { guest: false, reason: 'host-signal' });
     exitNow(0);
