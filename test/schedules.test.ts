@@ -1,9 +1,13 @@
 /**
  * Random schedules (issue 4, item 2): a fast-check property over random interleavings of VM creates
  * and deletes, crashes of the service (SIGKILL of `gpuvm serve`) and host faults on the simulated
- * host (fmpm failures, Fabric Manager down or restarted, unbind EBUSY, QEMU killed). After each
- * schedule the faults are cleared, what is left is deleted, and the DESIGN §3.3 invariants are
- * checked at rest (test/support/schedules.ts says exactly what is checked and why).
+ * host (fmpm failures, Fabric Manager down or restarted — also right after an activation — unbind
+ * EBUSY, QEMU killed or hung), and the engine's own faults (its open-file limit exhausted, its
+ * database connections cut or the process paused past its lease, a second agent started for the
+ * host). After each schedule the faults are cleared, what is left is deleted, partitions left broken
+ * are repaired the operator's way, and the DESIGN §3.3 invariants are checked at rest, with the host
+ * fence's journal (no two tries of one effect at once, nothing under a stale epoch) and the try
+ * budgets (test/support/schedules.ts says exactly what is checked and why).
  *
  * Schedules run in lanes: each lane is its own simulated host with its own database and service,
  * and one fast-check run is one schedule per lane, run side by side. A lifecycle on the simulated
@@ -45,7 +49,7 @@ import {
 import { usingPostgres } from './support/env.ts';
 import { expectInvariantsAtRest } from './support/invariants.ts';
 
-// 120 keeps CI near 17 minutes on 2 cores (~1.9 s a schedule); a deeper run sets GPUVM_SCHEDULES.
+// 120 keeps this file near 3 minutes on 2 cores (~1.1 s a schedule); a deeper run sets GPUVM_SCHEDULES.
 const NUM_SCHEDULES = Number(process.env.GPUVM_SCHEDULES ?? 120);
 const LANES = Math.max(1, Number(process.env.GPUVM_SCHEDULE_LANES ?? 2));
 const NUM_RUNS = Math.ceil(NUM_SCHEDULES / LANES);

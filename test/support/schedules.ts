@@ -5,7 +5,10 @@
  * A schedule is a short list of commands — VM creates (1/2/4/8 GPUs), deletes (at once, or once the
  * VM runs), pauses (so the next command lands at a random step of the lifecycles in flight), host
  * faults (fmpm activation/deactivation failures, Fabric Manager down, unbind EBUSY, a QEMU killed,
- * Fabric Manager restarted) and crashes of the service. One simulated host and one database serve
+ * Fabric Manager restarted, also right after a successful `fmpm -a`, a QEMU hung on system_powerdown),
+ * engine faults (the agent's open-file limit lowered to what it has open; its database connections
+ * cut, or on PGlite the process paused past its lease; a second `gpuvm serve` for the same folder
+ * or host, which must be refused) and crashes of the service. One simulated host and one database serve
  * many schedules: each schedule ends by clearing the faults and deleting what is left, then the
  * invariants are checked, so the next one starts from a host at rest — which is exactly the claim
  * under test.
@@ -13,7 +16,9 @@
  * Crashes are real: a schedule that holds crashes runs on a `gpuvm serve` child process from its
  * first command; each crash SIGKILLs it and starts the next one (a child again, or, after the last
  * crash, the in-process service, which resumes from the log and is the one the checks read through).
- * Schedules without a crash run on the in-process service, which is cheaper by one process start.
+ * A fault that acts on the agent's process (fdLimit; leaseLoss on PGlite) needs a child too: such a
+ * schedule starts one the same way, and ends it with SIGTERM before the clean-up so the in-process
+ * service resumes. Other schedules run on the in-process service, cheaper by one process start.
  */
 import { execFile, spawn } from 'node:child_process';
 import { closeSync, openSync, readdirSync, readFileSync, readSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
