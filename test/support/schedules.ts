@@ -371,8 +371,13 @@ export class ScheduleHost {
     return url;
   }
 
-  async startInProcess(): Promise<void> {
-    this.service = await startService(testConfig(this.dataDir, this.db.url, SERVICE_OPTIONS), { log: quietLog });
+  /**
+   * A restart with a host fault in place may not become ready (its first reconciliation cannot
+   * judge the host while Fabric Manager is down): it serves, creates answer 503, and settle()
+   * waits for it once the faults are cleared. Only the first start waits here.
+   */
+  async startInProcess(waitReady = true): Promise<void> {
+    this.service = await startService(testConfig(this.dataDir, this.db.url, SERVICE_OPTIONS), { log: quietLog, waitReady });
   }
 
   /** Hands the host to a `gpuvm serve` child: the in-process service stops first (at rest, nothing in flight). */
@@ -388,7 +393,7 @@ export class ScheduleHost {
     if (!this.child) return;
     await this.child.kill('SIGTERM');
     this.child = null;
-    await this.startInProcess();
+    await this.startInProcess(false);
   }
 
   /** SIGKILLs the child and starts the next gpuvm on the same data: another child, or the in-process service. */
@@ -396,8 +401,8 @@ export class ScheduleHost {
     if (!this.child) throw new Error('crash: no child to kill');
     await this.child.kill('SIGKILL');
     this.child = null;
-    if (next === 'child') this.child = await startServeChild({ dataDir: this.dataDir, port: this.port, databaseUrl: this.db.url, env: { ...CHILD_ENV, ...this.childEnv } });
-    else await this.startInProcess();
+    if (next === 'child') this.child = await startServeChild({ dataDir: this.dataDir, port: this.port, databaseUrl: this.db.url, env: { ...CHILD_ENV, ...this.childEnv }, waitFor: 'answering' });
+    else await this.startInProcess(false);
   }
 
   /** A query on this host's database from a connection of the test's own (Postgres), or through the in-process service. */
@@ -545,6 +550,9 @@ export async function runSchedule(host: ScheduleHost, schedule: Schedule, run: S
           } else if (res.status === 409) {
             run.refused++;
             note(what, `refused: ${res.body?.error?.message}`);
+          } else if (res.status === 503) {
+            // Restarted under a host fault: not ready until it can judge the host.
+            note(what, `503 ${res.body?.error?.message ?? 'starting'}`);
           } else throw new Error(`POST /v1/vms answered ${res.status}: ${JSON.stringify(res.body)}`);
           break;
         }
@@ -560,8 +568,8 @@ export async function runSchedule(host: ScheduleHost, schedule: Schedule, run: S
           }
           const res = await api('DELETE', `/v1/vms/${vm.id}`);
           if (res.status === 202) run.deletes++;
-          else if (res.status !== 409) throw new Error(`DELETE /v1/vms/${vm.id} answered ${res.status}: ${JSON.stringify(res.body)}`);
-          note(what, `${vm.id}: ${res.status === 202 ? res.body.state : `409 ${res.body?.error?.message}`}`);
+          else if (res.status !== 409 && res.status !== 503) throw new Error(`DELETE /v1/vms/${vm.id} answered ${res.status}: ${JSON.stringify(res.body)}`);
+          note(what, `${vm.id}: ${res.status === 202 ? res.body.state : `${res.status} ${res.body?.error?.message}`}`);
           break;
         }
         case 'wait':
@@ -692,13 +700,6 @@ export async function runSchedule(host: ScheduleHost, schedule: Schedule, run: S
       }
     }
     run.ms.commands = Date.now() - run.started - run.ms.restarts;
-    if (host.child) {
-      // The checks read through the in-process service (PGlite has one process).
-      const t1 = Date.now();
-      await host.toInProcess();
-      run.ms.restarts += Date.now() - t1;
-      note('(SIGTERM the serve child; the in-process service resumes)', `${Date.now() - t1} ms`);
-    }
 
     // ── back to rest: faults cleared, Fabric Manager answered, everything deleted ──
     const t0 = Date.now();
@@ -712,6 +713,13 @@ export async function runSchedule(host: ScheduleHost, schedule: Schedule, run: S
     }
     await writeFaults(host.simRoot, { fmpm: null, sysfs: null });
     if (hungVms.length > 0) setHangPowerdown(hungVms.splice(0), false);
+    if (host.child) {
+      // The checks read through the in-process service (PGlite has one process).
+      const t1 = Date.now();
+      await host.toInProcess();
+      run.ms.restarts += Date.now() - t1;
+      note('(SIGTERM the serve child; the in-process service resumes)', `${Date.now() - t1} ms`);
+    }
     await settle(host, run);
     run.ms.settle = Date.now() - t0;
     note('(at rest)', `${run.ms.settle} ms to settle`);
@@ -892,6 +900,12 @@ const SETTLE_TIMEOUT_MS = 90_000;
 async function settle(host: ScheduleHost, run: ScheduleRun): Promise<void> {
   const service = host.inProcess;
   const db = service.db.kysely;
+  // Restarted while a fault was in place, the service may still be judging the host; the faults are cleared now.
+  let timer: NodeJS.Timeout | undefined;
+  await Promise.race([
+    service.ready,
+    new Promise((_, reject) => (timer = setTimeout(() => reject(new Error('the service was not ready 60 s after the faults were cleared')), 60_000))),
+  ]).finally(() => clearTimeout(timer));
   // A restarted Fabric Manager refuses every call until it has its activated list. The guard
   // answers on its own (periodically, or when a handler is refused); kick it now to keep this short.
   // (Not check(): a second pass beside the guard's own would race it to --set-activated-list.)
