@@ -26,7 +26,7 @@
  * | reconcileIntervalMs   | GPUVM_RECONCILE_INTERVAL_MS | 30000 (log vs host; also once at start) |
  * | qemuBin               | GPUVM_QEMU                  | qemu-system-x86_64 on PATH, else the QMP stand-in |
  * | bindTimeoutMs         | GPUVM_BIND_TIMEOUT_MS       | 10000                            |
- * | toolTimeoutMs         | GPUVM_TOOL_TIMEOUT_MS       | 30000 (fmpm, nvidia-smi)         |
+ * | toolTimeoutMs         | GPUVM_TOOL_TIMEOUT_MS       | 30000 (fmpm, nvidia-smi; QMP system_powerdown on the simulated host) |
  * | logLevel              | GPUVM_LOG_LEVEL             | info                             |
  */
 import { resolve } from 'node:path';

@@ -69,7 +69,8 @@ export async function openSimulatedHost(opts: SimulatedHostOptions, log: Logger)
     fmpm: new Fmpm({ bin: sim.fmpmBin, timeoutMs: opts.toolTimeoutMs }),
     nvidiaSmi: new NvidiaSmi({ bin: sim.nvidiaSmiBin, timeoutMs: opts.toolTimeoutMs }),
     sysfs: new Sysfs({ root: sim.sysfsRoot, bindTimeoutMs: opts.bindTimeoutMs }),
-    qemu: new Qemu({ bin: qemuBin, runRoot: join(opts.dataDir, 'run'), accel: 'tcg' }),
+    // The simulated host's QMP answers as fast as its tools: a hung one fails after the tool timeout.
+    qemu: new Qemu({ bin: qemuBin, runRoot: join(opts.dataDir, 'run'), accel: 'tcg', qmpCommandTimeoutMs: opts.toolTimeoutMs }),
     gpuDevice: 'stand-in',
     hostDriver: 'nvidia',
     qemuDescription,

@@ -56,6 +56,8 @@ export interface QemuOptions {
   startTimeoutMs?: number;
   /** Appended after the generated arguments by start(). */
   extraArgs?: string[];
+  /** How long powerdown() waits for QMP to answer system_powerdown (default 30 s, QmpClient's). */
+  qmpCommandTimeoutMs?: number;
 }
 
 export type QemuErrorCode =
@@ -677,7 +679,7 @@ export class Qemu {
     let qmp: QmpClient | undefined;
     try {
       qmp = await this.connect(vmId);
-      await qmp.execute('system_powerdown');
+      await qmp.execute('system_powerdown', undefined, { timeoutMs: this.#opts.qmpCommandTimeoutMs });
       return 'sent';
     } catch (err) {
       // 'not-running' only from an observed `gone`; a failed read after a failed QMP call is unknown.

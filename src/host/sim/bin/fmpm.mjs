@@ -9,7 +9,10 @@
  * State: <root>/fm/state.json { active: [ids], ... } — read-modify-write under an exclusive lock
  * file, written as temp + rename, so concurrent calls never lose an update.
  * Faults: <root>/faults.json key "fmpm": { down, hangMs, activateFails: {id: fmReturn},
- * deactivateFails: {id: fmReturn} }.
+ * deactivateFails: {id: fmReturn}, restartAfterActivate }. restartAfterActivate (true, or any
+ * string token): right after a successful `-a`, Fabric Manager restarts as `restartFabricManager`
+ * restarts it (forgets the active partitions, waits for --set-activated-list); once per token, or
+ * for `true` once per write of faults.json (state.restartAfterActivateFired records which).
  *
  * Fabric Manager restarted in resiliency mode (`restartFabricManager` in sim-host.ts sets
  * state.awaitingActivatedList = { since, timeoutMs }): it waits for `--set-activated-list`, refusing
@@ -94,8 +97,17 @@ function loadHost() {
 }
 
 function loadFaults() {
-  const faults = readJson(path.join(root, 'faults.json'), {});
-  return faults && typeof faults.fmpm === 'object' && faults.fmpm !== null ? faults.fmpm : {};
+  const file = path.join(root, 'faults.json');
+  const faults = readJson(file, {});
+  const fmpm = faults && typeof faults.fmpm === 'object' && faults.fmpm !== null ? faults.fmpm : {};
+  if (fmpm.restartAfterActivate === true) {
+    let mtime = 0;
+    try {
+      mtime = fs.statSync(file).mtimeMs;
+    } catch {}
+    return { ...fmpm, restartAfterActivate: `written ${mtime}` };
+  }
+  return fmpm;
 }
 
 function readState() {
@@ -228,6 +240,14 @@ function activate(host, faults, id) {
     if (state.active.includes(id)) return FM_ST_PARTITION_ID_IN_USE;
     if (overlapsActive(host, id, state.active)) return FM_ST_IN_USE;
     state.active = [...state.active, id].sort((a, b) => a - b);
+    const token = faults.restartAfterActivate;
+    if ((typeof token === 'string' || typeof token === 'number') && state.restartAfterActivateFired !== String(token)) {
+      // The activation took; then Fabric Manager restarts before anyone confirms it.
+      state.active = [];
+      delete state.exited;
+      state.awaitingActivatedList = { since: Date.now(), timeoutMs: 60_000 };
+      state.restartAfterActivateFired = String(token);
+    }
     writeJsonAtomic(stateFile, state);
     return FM_ST_SUCCESS;
   });

@@ -275,6 +275,25 @@ function guestPowerOff() {
   }
 }
 
+/**
+ * Faults for tests, re-read on each command: the JSON file named by GPUVM_STANDIN_FAULTS,
+ * `{ "hangPowerdown": ["vm-…", …] }` — a listed VM (its `-name guest=<vmId>`) is hung: it swallows
+ * system_powerdown (no reply, no POWERDOWN, no SHUTDOWN) and ignores SIGTERM, so a powerdown try
+ * outlives the powerdown timer and fails late on its QMP timeout. No variable or no file: no faults.
+ */
+const NO_REPLY = Symbol('no reply');
+const guestName = opts['-name'] === undefined ? undefined : parseOptString(opts['-name'], 'guest').props.guest;
+function hangsPowerdown() {
+  const file = process.env.GPUVM_STANDIN_FAULTS;
+  if (!file || !guestName) return false;
+  try {
+    const faults = JSON.parse(readFileSync(file, 'utf8'));
+    return Array.isArray(faults?.hangPowerdown) && faults.hangPowerdown.includes(guestName);
+  } catch {
+    return false;
+  }
+}
+
 function qmpError(cls, desc) {
   return { error: { class: cls, desc } };
 }
@@ -288,6 +307,8 @@ function handleCommand(cmd, args) {
     case 'query-version':
       return { return: { qemu: { ...VERSION }, package: PACKAGE } };
     case 'system_powerdown':
+      // A fault for tests: a guest (and a QEMU) that never answers the power button.
+      if (hangsPowerdown()) return NO_REPLY;
       emit('POWERDOWN');
       if (runState === 'running') setTimeout(guestPowerOff, 100);
       else powerdownPending = true; // a stopped guest handles the button once resumed
@@ -370,6 +391,7 @@ function handleLine(c, line) {
   } else {
     reply = handleCommand(msg.execute, msg.arguments);
   }
+  if (reply === NO_REPLY) return;
   send({ ...reply, ...idPart });
 }
 
@@ -409,6 +431,8 @@ if (qmpPath) {
 
 for (const [signal, num] of [['SIGTERM', 15], ['SIGINT', 2], ['SIGHUP', 1]]) {
   process.on(signal, () => {
+    // A hung QEMU (the same fault): its main loop never gets to the signal; only SIGKILL ends it.
+    if (signal === 'SIGTERM' && hangsPowerdown()) return;
     process.stderr.write(`${PROG}: terminating on signal ${num}\n`);
     emit('SHUTDOWN', { guest: false, reason: 'host-signal' });
     exitNow(0);
