@@ -71,6 +71,19 @@ describe(`fencing of effect tries (${usingPostgres ? 'postgres' : 'pglite'})`, (
     expect(t.filter((x) => x.outcome !== 'waiting').map((x) => [x.attempt, x.outcome])).toEqual([[1, 'ok']]);
   });
 
+  it('a tool that could not be started for lack of descriptors is a wait, not a failed try', async () => {
+    let calls = 0;
+    const { hostId } = await startWorker({
+      probe: async () => {
+        if (++calls <= 3) throw new Error('fmpm -l: could not start the binary (EMFILE)', { cause: Object.assign(new Error('spawn EMFILE'), { code: 'EMFILE' }) });
+        return { note: 'ok' };
+      },
+    });
+    const id = await addEffect(hostId, 'emfile', 'probe', 1);
+    await waitUntil('the effect to finish', async () => (await effect(id)).status === 'done', 20_000);
+    expect(await effect(id)).toMatchObject({ attempts: 1, waits: 3 });
+  });
+
   it('past the not-yet deadline, waits count as tries and the effect fails within its budget', async () => {
     const { hostId } = await startWorker({ probe: async () => Promise.reject(new NotYetError('never ready')) }, { notYetMs: 200 });
     const id = await addEffect(hostId, 'wait2', 'probe', 2);

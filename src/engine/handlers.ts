@@ -236,8 +236,15 @@ export function createHandlers(host: HostAdapters, hooks: HandlerHooks = {}): Ha
     },
 
     async powerdownQemu(p: VmEffectParams) {
-      const sent = await observing(() => host.qemu.powerdown(p.vmId));
-      return { note: `system_powerdown: ${sent}` };
+      try {
+        const sent = await observing(() => host.qemu.powerdown(p.vmId));
+        return { note: `system_powerdown: ${sent}` };
+      } catch (err) {
+        // QMP refused or hung: pressing the button again adds nothing, the powerdown timer escalates
+        // to quit/kill. Fail at once; a failure that arrives after the VM moved on is ignored.
+        if (err instanceof QemuError && err.code === 'qmp') throw new RefusedError(`system_powerdown: ${err.message}`, { cause: err });
+        throw err;
+      }
     },
 
     async powerdownTimer(p: VmEffectParams) {

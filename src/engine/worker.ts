@@ -45,9 +45,20 @@ export interface AgentLease {
   renew(): Promise<void>;
 }
 
-/** An answer that says "not yet" rather than "failed": the try waits without counting against the budget. */
+/** This process or the machine ran short (descriptors, memory): the host was not even looked at. */
+const SHORT_OF_RESOURCES = new Set(['EMFILE', 'ENFILE', 'EAGAIN', 'ENOMEM']);
+
+/**
+ * An answer that says "not yet" rather than "failed": the try waits without counting against the
+ * budget. A NotYet of a handler, or — anywhere in the error's causes — a tool or file that could not
+ * be opened for lack of resources: an observation that could not be made, not a failure of the host.
+ */
 export function isNotYet(err: unknown): boolean {
-  return (err as { notYet?: boolean })?.notYet === true;
+  let e = err as { notYet?: boolean; code?: unknown; cause?: unknown } | undefined;
+  for (let depth = 0; e && depth < 8; depth++, e = e.cause as typeof e) {
+    if (e.notYet === true || SHORT_OF_RESOURCES.has(String(e.code))) return true;
+  }
+  return false;
 }
 
 /** What a handler reports: usually an event for a stream (its own, or another for cross-stream steps). */
