@@ -51,7 +51,9 @@ async function start(walk: Walk): Promise<ServeChild> {
         // Every death at a crash point while an effect's try is in flight loses that try, and lost
         // tries count against its budget: one try here can die five times (its action, its outcome's
         // commit, the message that commit delivers), so the walk allows more tries than a host does.
-        env: { GPUVM_CRASH_AT: `walk:${walk.visitedFile}`, GPUVM_EFFECT_MAX_ATTEMPTS: '12' },
+        // The powerdown timer falls due well after system_powerdown has answered: were the two
+        // effects to finish together, the walk could die at one's point before reaching the other's.
+        env: { GPUVM_CRASH_AT: `walk:${walk.visitedFile}`, GPUVM_EFFECT_MAX_ATTEMPTS: '12', GPUVM_POWERDOWN_TIMEOUT_MS: '1500' },
       });
       return child;
     } catch (err) {
