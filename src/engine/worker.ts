@@ -416,6 +416,7 @@ export class EffectWorker {
   private launch(effect: ClaimedEffect): void {
     // Handed over at commit and found by a claim as well: one run.
     if (this.inFlight.has(effect.id)) return;
+    this.abandoned.delete(effect.id);
     const task = this.execute(effect)
       .catch((err) => {
         this.opts.log.error({ err: describe(err), effectId: effect.id, correlationId: effect.correlationId }, 'effect outcome not recorded; the lease will make it due again');
