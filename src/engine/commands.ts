@@ -104,6 +104,12 @@ export function effectId(streamId: string, version: number, index: number): stri
   return `${streamId}@${version}#${index}`;
 }
 
+/** The stream, version and index an effect id names (see effectId), or null for another string. */
+export function parseEffectId(id: string): { streamId: string; version: number; index: number } | null {
+  const m = /^(.*)@(\d+)#(\d+)$/.exec(id);
+  return m ? { streamId: m[1]!, version: Number(m[2]), index: Number(m[3]) } : null;
+}
+
 /** The lease of the effect being closed was gone when its outcome was written: nothing was written. */
 export class LostLeaseError extends Error {
   constructor(readonly effectId: string) {

@@ -26,17 +26,16 @@ import {
 import type { HostAdapters } from '../host/host.ts';
 import { QemuError, type QemuStatus } from '../host/qemu.ts';
 import { isWaitingForActivatedList } from './fabric-manager.ts';
+import { parseEffectId } from './commands.ts';
 import type { EffectContext, EffectOutcome } from './worker.ts';
 import type { FenceStamp } from '../host/fence.ts';
 
-/** The stream version in an effect id (`<stream>@<version>#<index>`): the generation the host fence compares. */
-export function generationOf(effectId: string): number {
-  const m = /@(\d+)#\d+$/.exec(effectId);
-  if (!m) throw new Error(`not an effect id: ${JSON.stringify(effectId)}`);
-  return Number(m[1]);
+/** The host fence's stamp of a try: its epoch, and its stream version as the generation. */
+function stampOf(ctx: EffectContext): FenceStamp {
+  const id = parseEffectId(ctx.effect.id);
+  if (!id) throw new Error(`not an effect id: ${JSON.stringify(ctx.effect.id)}`);
+  return { epoch: ctx.effect.epoch, generation: id.version, effectId: ctx.effect.id, attempt: ctx.effect.attempt };
 }
-
-const stampOf = (ctx: EffectContext): FenceStamp => ({ epoch: ctx.effect.epoch, generation: generationOf(ctx.effect.id), effectId: ctx.effect.id, attempt: ctx.effect.attempt });
 
 /** A step that must wait for the host to catch up: it waits on a deadline without spending tries (see isNotYet). */
 export class NotYetError extends Error {

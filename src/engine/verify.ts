@@ -15,7 +15,7 @@ import { machines, partitionHoldsClaim, partitionStream, qemuMayLive, streamKind
 import { LOG_START, readLog, readStream, scanStreams, type Executor, type StoredEvent } from '../store/events.ts';
 import type { StreamSnapshot } from '../store/projections.ts';
 import type { Database } from '../store/schema.ts';
-import { effectId } from './commands.ts';
+import { effectId, parseEffectId } from './commands.ts';
 import { decide, sameJson, type Decision } from './decide.ts';
 import { verifyProjections, type Difference } from './rebuild.ts';
 
@@ -500,16 +500,15 @@ export async function verifySnapshot(tx: Executor, opts: { pageSize?: number } =
     if (rows.length === 0) break;
     after = rows[rows.length - 1]!.id;
     for (const r of rows) {
-      const m = /^(.*)@(\d+)#(\d+)$/.exec(r.id);
-      const info = m ? streams.get(m[1]!) : undefined;
+      const m = parseEffectId(r.id);
+      const info = m ? streams.get(m.streamId) : undefined;
       if (!m || !info) {
         problems.push({ code: 'orphan-row', streamId: r.stream_id, event: lastEvent(r.stream_id), message: `effects row ${r.id} (${r.type}) belongs to no event` });
         continue;
       }
       if (info.failed) continue;
-      const version = Number(m[2]);
-      if (!(version >= 1 && version <= info.last.version)) {
-        problems.push({ code: 'orphan-row', streamId: m[1]!, event: info.last, message: `effects row ${r.id} (${r.type}) names version ${m[2]}, which the stream does not hold` });
+      if (!(m.version >= 1 && m.version <= info.last.version)) {
+        problems.push({ code: 'orphan-row', streamId: m.streamId, event: info.last, message: `effects row ${r.id} (${r.type}) names version ${m.version}, which the stream does not hold` });
       }
     }
     if (rows.length < pageSize) break;
