@@ -72,11 +72,6 @@ export class HostAgent {
     return this.controller.signal;
   }
 
-  /** Whether writes under `epoch` are still this agent's to make. */
-  holds(epoch: number): boolean {
-    return !this.controller.signal.aborted && epoch === this.epoch;
-  }
-
   /** After a loss: waits until the lock can be taken again, under a new epoch. */
   async renew(): Promise<void> {
     for (let pause = 200; !this.stopped; pause = Math.min(pause * 2, 5000)) {
