@@ -107,7 +107,7 @@ export async function startService(config: Config, opts: StartOptions = {}): Pro
       vcpus: hostConfig?.vm.vcpus ?? config.vmVcpus,
       powerdownTimeoutMs: hostConfig?.vm.powerdownTimeoutMs ?? config.powerdownTimeoutMs ?? (host.simulated ? 3000 : 30_000),
     };
-    const fabricManager = new FabricManagerGuard(db.kysely, host, policy, { intervalMs: config.fabricManagerCheckMs, log });
+    const fabricManager = new FabricManagerGuard(db.kysely, host, policy, { intervalMs: config.fabricManagerCheckMs, log, signal: () => agent.signal });
     const worker = new EffectWorker(db, {
       hostId: host.hostId,
       agent,

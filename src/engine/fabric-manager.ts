@@ -35,7 +35,8 @@ export class FabricManagerGuard {
     private readonly db: Kysely<Database>,
     private readonly host: HostAdapters,
     private readonly policy: EffectPolicy,
-    private readonly opts: { intervalMs: number; log: Logger },
+    /** `signal`: the agent's (src/engine/agent.ts); once it fires this process may no longer answer Fabric Manager. */
+    private readonly opts: { intervalMs: number; log: Logger; signal?: () => AbortSignal },
   ) {
     this.periodic = new Periodic(`Fabric Manager check of host ${host.hostId}`, opts.intervalMs, () => this.check(), opts.log);
   }
@@ -72,6 +73,8 @@ export class FabricManagerGuard {
       .orderBy('partition_id')
       .execute();
     const activatedList = rows.map((r) => r.partition_id);
+    // A host action: not from an agent that lost its lock (its successor answers from the same log).
+    this.opts.signal?.().throwIfAborted();
     await this.host.fmpm.setActivatedList(activatedList);
     await inTransaction(this.db, (tx) =>
       applyEvent(tx, hostStream(this.host.hostId), { type: 'FABRIC_MANAGER_RESTARTED', activatedList }, { actor: 'fabric-manager-guard', correlationId: hostStream(this.host.hostId), causationId: null }, this.policy),
