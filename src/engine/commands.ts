@@ -132,7 +132,7 @@ export interface LocalWorker {
    * After a write whose answer was lost but which committed (read back): launches the effects it
    * handed to this worker under `correlationId`, which nothing else would run before their lease ends.
    */
-  adopt(correlationId: string): Promise<void>;
+  adopt(correlationId: string): Promise<number>;
 }
 
 export interface ApplyOptions {

@@ -1,7 +1,7 @@
 /**
  * Watches the QEMU of every VM that should have one. A QEMU that is gone while its VM is running,
- * stopping, or failed to stop becomes QEMU_EXITED on the VM's stream; the machine decides what that means (a crash
- * while running, the expected end while stopping). The check reads the pidfile and /proc, so it
+ * stopping, or failed to stop becomes QEMU_EXITED on the VM's stream; the machine decides what that
+ * means (a crash while running, the expected end while stopping). The check reads the pidfile and /proc, so it
  * works the same for a QEMU this process started and for one it found after a restart. Only an
  * observed `gone` is an exit: an observation that failed (`unknown`) is logged and made again on
  * the next pass.

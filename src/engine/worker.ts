@@ -245,8 +245,11 @@ export class EffectWorker {
     if (result.pendingDueAt) this.noteDue(result.pendingDueAt);
   }
 
-  async adopt(correlationId: string): Promise<void> {
-    for (const e of await this.claimOrphans(correlationId)) this.launch(e);
+  /** Launches the effects a committed write handed to this worker that nothing launched (see LocalWorker); returns how many. */
+  async adopt(correlationId: string): Promise<number> {
+    const orphans = await this.claimOrphans(correlationId);
+    for (const e of orphans) this.launch(e);
+    return orphans.length;
   }
 
   /** An effect of this host falls due at `at`: wake then (or now). */
@@ -513,10 +516,9 @@ export class EffectWorker {
       return 0;
     }
     // Born leased to this worker by that write and never launched: nothing else will run them.
-    const orphans = await this.claimOrphans(effect.correlationId);
-    log.warn({ followUps: orphans.length }, 'the outcome had been recorded (read back after an ambiguous commit)');
-    for (const e of orphans) this.launch(e);
-    return orphans.length;
+    const followUps = await this.adopt(effect.correlationId);
+    log.warn({ followUps }, 'the outcome had been recorded (read back after an ambiguous commit)');
+    return followUps;
   }
 
   /** Effects leased to this worker under this epoch for `correlationId`, not running and not abandoned here. */
@@ -596,18 +598,15 @@ export class EffectWorker {
         where id = ${effect.id} and status = 'running' and lease_owner = ${this.workerId} and lease_epoch = ${effect.epoch}
           and exists (select 1 from agents a where a.host_id = effects.host_id and a.epoch = ${effect.epoch})
         returning id, claimed_at, waits
-      )
-      insert into effect_attempts (effect_id, attempt, wait, worker, epoch, started_at, finished_at, outcome, error)
-      select id, ${effect.attempt}, ${wait ? sql`waits` : sql`0`}, ${this.workerId}, ${effect.epoch}, claimed_at, now(),
-             ${wait ? 'waiting' : set.status === 'done' ? 'ok' : 'error'}, ${set.error}
-      from closed
-      -- An exhausted effect's last try was lost and is on record as such: closing it adds none.
-      where ${!effect.exhausted}
-      returning effect_id`.execute(this.db);
-    if (effect.exhausted && rows.length === 0) {
-      const closed = await this.db.selectFrom('effects').select('status').where('id', '=', effect.id).executeTakeFirst();
-      if (closed?.status === set.status) return;
-    }
+      ),
+      tried as (
+        insert into effect_attempts (effect_id, attempt, wait, worker, epoch, started_at, finished_at, outcome, error)
+        select id, ${effect.attempt}, ${wait ? sql`waits` : sql`0`}, ${this.workerId}, ${effect.epoch}, claimed_at, now(),
+               ${wait ? 'waiting' : set.status === 'done' ? 'ok' : 'error'}, ${set.error}
+        from closed
+        -- An exhausted effect's last try was lost and is on record as such: closing it adds none.
+        where ${!effect.exhausted})
+      select id as effect_id from closed`.execute(this.db);
     if (rows.length === 0) throw new LostLeaseError(effect.id);
   }
 

@@ -95,7 +95,12 @@ async function openPostgres(url: string, poolSize: number): Promise<Db> {
       const client = new pg.Client({ connectionString: url });
       client.on('error', (err) => closed.abort(err));
       client.once('end', () => closed.abort(new Error('the database connection ended')));
-      await client.connect();
+      try {
+        await client.connect();
+      } catch (err) {
+        await client.end().catch(() => {});
+        throw err;
+      }
       return {
         query: async (text, values) => {
           const r = await client.query(text, values);
