@@ -525,9 +525,9 @@ export class Qemu {
     let child: ChildProcess;
     try {
       // node's spawn rather than runTool here: QEMU's stdout and stderr go straight to the log
-      // file (a pipe through our process would SIGPIPE QEMU when gpuvm dies). Detached in its own session with stdio on the log file, QEMU
-      // outlives gpuvm; the pidfile is how a later gpuvm finds it. No timeout on the process
-      // itself (it runs for the life of the VM); start-up is bounded below.
+      // file (a pipe through our process would SIGPIPE QEMU when gpuvm dies). Detached in its own
+      // session, QEMU outlives gpuvm; the pidfile is how a later gpuvm finds it. No timeout on the
+      // process itself (it runs for the life of the VM); start-up is bounded below.
       child = spawn(this.#opts.bin, args, { detached: true, stdio: ['ignore', logFd, logFd], cwd: paths.dir });
     } catch (err) {
       throw new QemuError('spawn', `VM ${vmId}: cannot spawn ${this.#opts.bin}: ${(err as Error).message}`, vmId, { cause: err });
