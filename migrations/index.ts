@@ -5,6 +5,7 @@ import * as quarantine from './0002_quarantine.ts';
 import * as driftRepair from './0003_drift_repair.ts';
 import * as timerCancelled from './0004_timer_cancelled.ts';
 import * as fencing from './0005_fencing.ts';
+import * as fleet from './0006_fleet.ts';
 
 export const migrations: Record<string, Migration> = {
   '0001_initial': initial,
@@ -12,4 +13,5 @@ export const migrations: Record<string, Migration> = {
   '0003_drift_repair': driftRepair,
   '0004_timer_cancelled': timerCancelled,
   '0005_fencing': fencing,
+  '0006_fleet': fleet,
 };

@@ -48,6 +48,14 @@ const PAYLOADS: Record<StreamKind, Record<string, (ctx: Record<string, unknown>)
     FABRIC_MANAGER_RESTARTED: () => [{ type: 'FABRIC_MANAGER_RESTARTED', activatedList: [4] }],
     DRIFT_DETECTED: () => DRIFTS.flatMap((drift) => [null, 'vm-stray'].map((vmId) => ({ type: 'DRIFT_DETECTED', drift, detail: 'seen', vmId, partitionId: null }))),
     STRAY_QEMU_STOPPED: () => [{ type: 'STRAY_QEMU_STOPPED', vmId: 'vm-stray', how: 'quit' }],
+    READY: () => [{ type: 'READY' }],
+    CORDON: () => [{ type: 'CORDON', by: 'op', reason: null }],
+    UNCORDON: () => [{ type: 'UNCORDON', by: 'op' }],
+    DRAIN: () => [false, true].map((deleteVms) => ({ type: 'DRAIN', by: 'op', reason: 'maintenance', deleteVms })),
+    DRAINED: () => [{ type: 'DRAINED' }],
+    REMOVE: () => [{ type: 'REMOVE', by: 'op' }],
+    AGENT_SILENT: () => [{ type: 'AGENT_SILENT', lastHeartbeat: '2026-12-08T00:00:00.000Z', limitMs: 30000 }],
+    AGENT_BACK: () => [{ type: 'AGENT_BACK', epoch: 2 }],
   },
 };
 
@@ -176,8 +184,8 @@ describe('no dead ends: from every reachable state, a rest state with every reso
     expect(r.nodes).toBeGreaterThan(50);
   });
 
-  it('host: `registered`', () => {
-    const r = walk('host', (n) => n.snap?.state === 'registered');
+  it('host: `ready` with its agent heard, or `removed`', () => {
+    const r = walk('host', (n) => (n.snap?.state === 'ready' && !n.snap.context.silentSince) || n.snap?.state === 'removed');
     console.log(`host: ${r.nodes} (state, context) reached over ${r.transitions} transitions; states ${[...r.states].join(' ')}`);
     expect(r.deadEnds).toEqual([]);
     expect([...r.states].sort()).toEqual(Object.keys(machineOf('host').root.states).sort());

@@ -32,7 +32,8 @@ export const REPLAYABLE_MACHINE_VERSIONS: Readonly<Record<StreamKind, readonly n
   // diverging from today's machine, which is what an operator should look at.
   vm: [1, machines.vm.version],
   partition: [1, machines.partition.version],
-  host: [machines.host.version],
+  // host 1: version 2 adds the fleet lifecycle around `registered` and folds version 1's events as it did.
+  host: [1, machines.host.version],
 };
 
 export function replaysMachineVersion(kind: StreamKind, version: number): boolean {

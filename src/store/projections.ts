@@ -57,6 +57,8 @@ export interface HostRow {
   inventory: Record<string, unknown>;
   registered_at: Date;
   quarantined_modules: Record<string, { reason: string; source: string }>;
+  state: string;
+  silent_since: Date | null;
 }
 
 export function vmRow(s: StreamSnapshot): VmRow {
@@ -108,6 +110,8 @@ export function hostRow(s: StreamSnapshot): HostRow {
     inventory: (c.inventory ?? {}) as unknown as Record<string, unknown>,
     registered_at: s.createdAt,
     quarantined_modules: c.quarantinedModules,
+    state: s.state,
+    silent_since: c.silentSince ? new Date(c.silentSince) : null,
   };
 }
 

@@ -83,6 +83,8 @@ export interface AgentsTable {
   command: string;
   started_at: Timestamp;
   heartbeat_at: Timestamp;
+  /** When this epoch's agent finished its first reconciliation; null while it starts. */
+  ready_at: Timestamp | null;
 }
 
 export interface HostsTable {
@@ -92,6 +94,10 @@ export interface HostsTable {
   inventory: Json<Record<string, unknown>>;
   registered_at: Timestamp;
   quarantined_modules: Json<Record<string, { reason: string; source: string }>>;
+  /** The host machine's state (machines/host.ts). */
+  state: string;
+  /** When its agent was found silent; null while it is heard. */
+  silent_since: Timestamp | null;
 }
 
 export interface VmsTable {

@@ -95,7 +95,7 @@ export interface StepWritten {
 const READ_TABLES = {
   vms: { key: ['id'], columns: ['id', 'name', 'host_id', 'gpu_count', 'partition_id', 'gpus', 'state', 'reason', 'qemu_pid', 'created_at', 'updated_at'], stamped: ['created_at', 'updated_at'] },
   partitions: { key: ['host_id', 'partition_id'], columns: ['host_id', 'partition_id', 'modules', 'size', 'state', 'vm_id', 'failure', 'updated_at'], stamped: ['updated_at'] },
-  hosts: { key: ['id'], columns: ['id', 'simulated', 'board', 'inventory', 'registered_at', 'quarantined_modules'], stamped: ['registered_at'] },
+  hosts: { key: ['id'], columns: ['id', 'simulated', 'board', 'inventory', 'registered_at', 'quarantined_modules', 'state', 'silent_since'], stamped: ['registered_at'] },
 } as const;
 
 /** A row's NOW values become null, which the statement reads as now() (only top-level fields hold dates). */
