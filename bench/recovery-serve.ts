@@ -26,6 +26,7 @@ import { join } from 'node:path';
 import pino from 'pino';
 import { loadConfig } from '../src/config.ts';
 import { createHandlers } from '../src/engine/handlers.ts';
+import { declareJudged } from '../src/roles/agent.ts';
 import { registerHost } from '../src/engine/hosts.ts';
 import { EffectWorker } from '../src/engine/worker.ts';
 import { HostAgent } from '../src/engine/agent.ts';
@@ -156,6 +157,8 @@ async function main(): Promise<void> {
     );
   }
   await Promise.all(workers.map((w) => w.start()));
+  // No reconciler here (the memory hosts have nothing to reconcile): each agent declares its host judged.
+  await Promise.all(agents.map((a) => declareJudged(db, a, a.epoch, policy, log)));
   process.stdout.write(JSON.stringify({ ready: wallNow(), startedAt, hostsAt, pid: process.pid, hostIds }) + '\n');
 
   const stop = async () => {

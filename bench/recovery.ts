@@ -178,7 +178,7 @@ async function oneRun(label: string, o: RunOptions): Promise<RunResult> {
     const db = store.kysely;
     const policy = retryPolicy(loadConfig({ dataDir: stateDir }, {}));
     // As the service would build them; no powerdown wait: the memory host's guest powers off at once.
-    const services = ready.hostIds.map((id) => new VmService(db, id, { memoryMiB: 256, vcpus: 1, powerdownTimeoutMs: 0 }, policy));
+    const service = new VmService(db, { defaults: { memoryMiB: 256, vcpus: 1, powerdownTimeoutMs: 0 }, policy, silentMs: 30_000 });
 
     const queue = new CommandQueue(o.commands);
     const vms = new Map<string, { host: number; sentAt: number; deleteSent: boolean; doneAt: number | null }>();
@@ -201,7 +201,7 @@ async function oneRun(label: string, o: RunOptions): Promise<RunResult> {
       const host = i % o.hosts;
       queue.push(async () => {
         const sentAt = wallNow();
-        const vm = await services[host]!.create({ gpus: 1, actor: 'bench' });
+        const vm = await service.create({ gpus: 1, hostId: ready.hostIds[host], actor: 'bench' });
         vms.set(vm.id, { host, sentAt, deleteSent: false, doneAt: null });
         if (++created === o.lifecycles) allCreated();
       });
@@ -221,7 +221,7 @@ async function oneRun(label: string, o: RunOptions): Promise<RunResult> {
             if (++done === o.lifecycles) allDone();
           } else if (r.state === 'running' && !v.deleteSent) {
             v.deleteSent = true;
-            queue.push(async () => void (await services[v.host]!.delete(r.id, 'bench')));
+            queue.push(async () => void (await service.delete(r.id, 'bench')));
           }
         }
         if (queue.error) throw queue.error;

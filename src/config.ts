@@ -17,7 +17,8 @@
  * | backoffMaxMs          | GPUVM_BACKOFF_MAX_MS        | 10000                            |
  * | leaseMs               | GPUVM_LEASE_MS              | 30000                            |
  * | notYetMs              | GPUVM_NOT_YET_MS            | 120000 ("not yet" answers wait this long before they count as failed tries; Fabric Manager's restart window is 60 s) |
- * | agentHeartbeatMs      | GPUVM_AGENT_HEARTBEAT_MS    | 5000 (the agent lock's connection is checked this often) |
+ * | agentHeartbeatMs      | GPUVM_AGENT_HEARTBEAT_MS    | 5000 (the agent lock's connection is checked and its heartbeat written this often) |
+ * | agentSilentMs         | GPUVM_AGENT_SILENT_MS       | 30000 (an agent unheard this long makes its host unreachable: nothing placed, its VMs `unknown`; more than the heartbeat) |
  * | pollMs                | GPUVM_POLL_MS               | 1000                             |
  * | workerConcurrency     | GPUVM_WORKER_CONCURRENCY    | 16                               |
  * | monitorIntervalMs     | GPUVM_MONITOR_INTERVAL_MS   | 500                              |
@@ -48,6 +49,7 @@ export interface Config {
   leaseMs: number;
   notYetMs: number;
   agentHeartbeatMs: number;
+  agentSilentMs: number;
   pollMs: number;
   workerConcurrency: number;
   monitorIntervalMs: number;
@@ -80,6 +82,7 @@ const schema = z.object({
   leaseMs: int(100, 3_600_000),
   notYetMs: int(0, 86_400_000),
   agentHeartbeatMs: int(10, 600_000),
+  agentSilentMs: int(50, 3_600_000),
   pollMs: int(10, 600_000),
   workerConcurrency: int(1, 1024),
   monitorIntervalMs: int(10, 600_000),
@@ -112,6 +115,7 @@ export function loadConfig(overrides: Partial<Record<keyof Config, unknown>> = {
     leaseMs: env.GPUVM_LEASE_MS ?? 30_000,
     notYetMs: env.GPUVM_NOT_YET_MS ?? 120_000,
     agentHeartbeatMs: env.GPUVM_AGENT_HEARTBEAT_MS ?? 5000,
+    agentSilentMs: env.GPUVM_AGENT_SILENT_MS ?? 30_000,
     pollMs: env.GPUVM_POLL_MS ?? 1000,
     workerConcurrency: env.GPUVM_WORKER_CONCURRENCY ?? 16,
     monitorIntervalMs: env.GPUVM_MONITOR_INTERVAL_MS ?? 500,
@@ -128,6 +132,11 @@ export function loadConfig(overrides: Partial<Record<keyof Config, unknown>> = {
   if (!parsed.success) {
     const issue = parsed.error.issues[0]!;
     throw new ConfigError(`invalid configuration: ${issue.path.join('.')}: ${issue.message}`);
+  }
+  if (parsed.data.agentSilentMs <= parsed.data.agentHeartbeatMs) {
+    throw new ConfigError(
+      `invalid configuration: agentSilentMs (${parsed.data.agentSilentMs}) must be more than agentHeartbeatMs (${parsed.data.agentHeartbeatMs}): a host would be found silent between two heartbeats`,
+    );
   }
   return { ...parsed.data, dataDir: resolve(parsed.data.dataDir) } as Config;
 }

@@ -1,33 +1,46 @@
 /**
- * `gpuvm serve`, assembled: open and migrate the database, open the host, register it, start the
- * effect worker and the QEMU monitor, and serve the API. Tests start the same service in-process.
+ * `gpuvm serve`, assembled: open and migrate the database, start the agent of each local host
+ * (src/roles/agent.ts) unless told not to, and serve the API and placement for the whole fleet the
+ * database holds. Tests start the same service in-process.
  */
 import { join } from 'node:path';
 import type { FastifyInstance } from 'fastify';
 import { buildApi } from './api/server.ts';
-import type { Config } from './config.ts';
-import type { EffectPolicy } from './engine/commands.ts';
-import { createHandlers } from './engine/handlers.ts';
-import { registerHost } from './engine/hosts.ts';
-import { QemuMonitor } from './engine/monitor.ts';
-import { Reconciler } from './engine/reconcile.ts';
-import { HealthMonitor } from './engine/health.ts';
-import { HOST_FILES } from './host/doctor.ts';
-import { FabricManagerGuard } from './engine/fabric-manager.ts';
+import { ConfigError, type Config } from './config.ts';
+import type { EffectPolicy, LocalWorker } from './engine/commands.ts';
+import type { QemuMonitor } from './engine/monitor.ts';
+import type { Reconciler } from './engine/reconcile.ts';
+import type { HealthMonitor } from './engine/health.ts';
+import type { FabricManagerGuard } from './engine/fabric-manager.ts';
 import { VmService } from './engine/vms.ts';
-import { EffectWorker, type RetryPolicy } from './engine/worker.ts';
-import { openSimulatedHost, type HostAdapters } from './host/host.ts';
-import { openRealHost, type HostConfig } from './host/host-config.ts';
+import type { EffectWorker, RetryPolicy } from './engine/worker.ts';
+import type { HostAdapters } from './host/host.ts';
+import type { HostConfig } from './host/host-config.ts';
+import type { SimBoard } from './host/sim/sim-host.ts';
 import { createLogger, type Logger } from './log.ts';
 import { migrate, openDb, type Db } from './store/db.ts';
 import { lockDataDir } from './store/data-dir.ts';
-import { HostAgent } from './engine/agent.ts';
+import type { HostAgent } from './engine/agent.ts';
+import { FleetWatch } from './engine/fleet-watch.ts';
+import { startAgentRole, type AgentRole } from './roles/agent.ts';
 
-export interface Service {
+/** An API node: placement and the HTTP API for every host in the database, with no agent of its own. */
+export interface ApiNode {
   config: Config;
   db: Db;
-  host: HostAdapters;
   vms: VmService;
+  fleetWatch: FleetWatch;
+  api: FastifyInstance;
+  /** The API's base URL, e.g. http://127.0.0.1:7070 */
+  url: string;
+  log: Logger;
+  stop(): Promise<void>;
+}
+
+/** `gpuvm serve`: an API node and the agents of its local hosts. The first agent's parts are named directly. */
+export interface Service extends ApiNode {
+  agents: AgentRole[];
+  host: HostAdapters;
   worker: EffectWorker;
   monitor: QemuMonitor;
   health: HealthMonitor;
@@ -35,17 +48,13 @@ export interface Service {
   reconciler: Reconciler;
   /** This host's agent: its lock and epoch (src/engine/agent.ts). */
   agent: HostAgent;
-  api: FastifyInstance;
   /**
-   * Resolves once the first reconciliation pass has judged the host against the log. Until then
-   * `/v1/health` says `starting` and creates are answered 503: a partition Fabric Manager shows
-   * active that the log does not own must be taken up before anything is placed.
+   * Resolves once every local agent's first reconciliation has judged its host against the log.
+   * Until then `/v1/health` says `starting`, and creates that only such a host could take are
+   * answered 503: a partition Fabric Manager shows active that the log does not own must be taken
+   * up before anything is placed.
    */
   ready: Promise<void>;
-  /** The API's base URL, e.g. http://127.0.0.1:7070 */
-  url: string;
-  log: Logger;
-  stop(): Promise<void>;
 }
 
 export function retryPolicy(config: Config): RetryPolicy {
@@ -62,14 +71,27 @@ export interface StartOptions {
   hostConfig?: HostConfig;
   /** Adapters built by the caller (tests). */
   host?: HostAdapters;
+  /**
+   * Simulated hosts to run agents for (`--sim-hosts N --sim-board b200,h100`): N hosts, boards taken
+   * in turn, named sim-<board>-<i>. Default: one simulated host named by config.hostId.
+   */
+  simHosts?: { count: number; boards: SimBoard[] };
   /** Resolve only once the service is ready (see Service.ready); default true. `gpuvm serve` serves while it starts. */
   waitReady?: boolean;
 }
 
-export async function startService(config: Config, opts: StartOptions = {}): Promise<Service> {
-  const log = opts.log ?? createLogger(config.logLevel);
-  // One gpuvm per data folder: a second one stops here, before it writes anything.
-  const folder = lockDataDir(config.dataDir, 'serve');
+/** The simulated hosts `--sim-hosts` asks for: ids and boards. */
+export function simFleet(config: Config, simHosts: StartOptions['simHosts']): { hostId: string; board: SimBoard }[] {
+  if (!simHosts) return [{ hostId: config.hostId, board: 'b200' }];
+  return Array.from({ length: simHosts.count }, (_, i) => {
+    const board = simHosts.boards[i % simHosts.boards.length]!;
+    return { hostId: `sim-${board}-${i + 1}`, board };
+  });
+}
+
+/** Opens the data folder (locked: one gpuvm per folder) and the database, migrated. */
+async function openStore(config: Config, command: string, log: Logger): Promise<{ db: Db; release: () => void }> {
+  const folder = lockDataDir(config.dataDir, command);
   let db: Db;
   try {
     db = await openDb({ databaseUrl: config.databaseUrl, pgliteDir: join(config.dataDir, 'pglite') });
@@ -77,131 +99,181 @@ export async function startService(config: Config, opts: StartOptions = {}): Pro
     folder.release();
     throw err;
   }
-  // What a failed start must stop again, newest first; each is pushed before it starts, so one
-  // that throws halfway through its start is stopped too.
-  const started: (() => Promise<unknown>)[] = [];
   try {
     await migrate(db);
-    log.info({ database: db.kind === 'postgres' ? 'postgres' : `pglite at ${join(config.dataDir, 'pglite')}` }, 'database ready');
+  } catch (err) {
+    await db.close().catch(() => {});
+    folder.release();
+    throw err;
+  }
+  log.info({ database: db.kind === 'postgres' ? 'postgres' : `pglite at ${join(config.dataDir, 'pglite')}` }, 'database ready');
+  return { db, release: () => folder.release() };
+}
 
-    const hostConfig = opts.hostConfig;
-    // One agent per host, before anything on the host or its streams is touched.
-    const hostId = opts.host?.hostId ?? hostConfig?.hostId ?? config.hostId;
-    const agent = await HostAgent.start(db, hostId, { command: 'serve', heartbeatMs: config.agentHeartbeatMs, log });
-    started.push(() => agent.stop());
-    const host =
-      opts.host ??
-      (hostConfig ? openRealHost(hostConfig, { bindTimeoutMs: config.bindTimeoutMs, toolTimeoutMs: config.toolTimeoutMs }) : null) ??
-      (await openSimulatedHost(
-        { hostId: config.hostId, dataDir: config.dataDir, qemuBin: config.qemuBin, bindTimeoutMs: config.bindTimeoutMs, toolTimeoutMs: config.toolTimeoutMs },
-        log,
-      ));
-    log.info({ hostId: host.hostId, qemu: host.qemuDescription }, 'host adapters ready');
-
-    const policy: EffectPolicy & RetryPolicy = retryPolicy(config);
-    await registerHost(db.kysely, host, policy, log, { expectedGpus: hostConfig?.expectedGpus });
-
-    // VM sizes and the powerdown timeout: the host config file, else the service options.
-    const vmDefaults = {
-      memoryMiB: hostConfig?.vm.memoryMiB ?? config.vmMemoryMiB,
-      vcpus: hostConfig?.vm.vcpus ?? config.vmVcpus,
-      powerdownTimeoutMs: hostConfig?.vm.powerdownTimeoutMs ?? config.powerdownTimeoutMs ?? (host.simulated ? 3000 : 30_000),
-    };
-    const fabricManager = new FabricManagerGuard(db.kysely, host, policy, { intervalMs: config.fabricManagerCheckMs, log, signal: () => agent.signal });
-    const worker = new EffectWorker(db, {
-      hostId: host.hostId,
-      agent,
-      notYetMs: config.notYetMs,
-      handlers: createHandlers(host, { fabricManagerWaiting: () => fabricManager.kick() }),
-      policy,
-      leaseMs: config.leaseMs,
-      pollMs: config.pollMs,
-      concurrency: config.workerConcurrency,
-      log,
-    });
-    started.push(() => worker.stop());
-    await worker.start();
-    // Requests and the QEMU monitor hand the effects they write to this worker (no claim, no NOTIFY).
-    let isReady = false;
-    const vms = new VmService(db.kysely, host.hostId, vmDefaults, policy, worker, () => isReady);
-    started.push(() => fabricManager.stop());
-    fabricManager.start();
-    const monitor = new QemuMonitor(db.kysely, host, policy, config.monitorIntervalMs, log, worker);
-    started.push(() => monitor.stop());
-    monitor.start();
-    const health = new HealthMonitor(db.kysely, host, policy, { intervalMs: config.healthIntervalMs, kernelLog: join(host.fsRoot, HOST_FILES.kernelLog), log });
-    started.push(() => health.stop());
-    health.start();
-    const reconciler = new Reconciler(db.kysely, host, policy, {
-      intervalMs: config.reconcileIntervalMs,
-      log,
-      monitor,
-      fabricManagerWaiting: () => fabricManager.kick(),
-    });
-    started.push(() => reconciler.stop());
-    reconciler.start();
-    const ready = reconciler.firstJudgement().then(() => {
-      isReady = true;
-      log.info({ hostId: host.hostId }, 'first reconciliation done: accepting creates');
-    });
-    // Stopped before it was ready: whoever awaits `ready` hears it; nobody else must.
-    ready.catch(() => {});
-
-    const api = await buildApi({
+async function startApi(
+  config: Config,
+  db: Db,
+  log: Logger,
+  agents: AgentRole[],
+  allReady: () => boolean,
+): Promise<Omit<ApiNode, 'config' | 'db' | 'log' | 'stop'> & { close(): Promise<void> }> {
+  const policy: EffectPolicy = retryPolicy(config);
+  const localWorkers = new Map<string, LocalWorker>(agents.map((a) => [a.hostId, a.worker]));
+  // Requests hand the effects they write for a local host to its worker (no claim, no NOTIFY).
+  const vms = new VmService(db.kysely, {
+    defaults: { memoryMiB: config.vmMemoryMiB, vcpus: config.vmVcpus, powerdownTimeoutMs: config.powerdownTimeoutMs ?? 30_000 },
+    policy,
+    localWorkers,
+    silentMs: config.agentSilentMs,
+  });
+  const fleetWatch = new FleetWatch(db.kysely, policy, { intervalMs: Math.min(config.agentHeartbeatMs, 5000), silentMs: config.agentSilentMs, log });
+  fleetWatch.start();
+  let api: FastifyInstance;
+  try {
+    const first = agents[0];
+    api = await buildApi({
       vms,
       db: db.kysely,
       policy,
       log,
+      silentMs: config.agentSilentMs,
       health: async () => ({
         ok: true,
-        status: isReady ? 'ok' : 'starting',
-        epoch: agent.epoch,
-        hostId: host.hostId,
-        simulated: host.simulated,
+        status: allReady() ? 'ok' : 'starting',
+        ...(first ? { epoch: first.agent.epoch, hostId: first.hostId, simulated: first.host.simulated, qemu: first.host.qemuDescription } : {}),
+        agents: agents.map((a) => ({ hostId: a.hostId, epoch: a.agent.epoch })),
         database: db.kind,
-        qemu: host.qemuDescription,
         vms: await vms.countByState(),
       }),
     });
-    started.push(() => api.close());
-    const address = await api.listen({ host: config.listenHost, port: config.port });
-    log.info({ url: address, hostId: host.hostId }, 'gpuvm is serving');
-    if (opts.waitReady !== false) await ready;
+  } catch (err) {
+    await fleetWatch.stop();
+    throw err;
+  }
+  try {
+    const url = await api.listen({ host: config.listenHost, port: config.port });
+    log.info({ url, hosts: agents.map((a) => a.hostId) }, 'gpuvm is serving');
+    return {
+      vms,
+      fleetWatch,
+      api,
+      url,
+      async close() {
+        await api.close();
+        await fleetWatch.stop();
+      },
+    };
+  } catch (err) {
+    await api.close().catch(() => {});
+    await fleetWatch.stop();
+    throw err;
+  }
+}
 
+/** `gpuvm serve --no-agent`: an API node for a fleet whose agents run elsewhere (Postgres only). */
+export async function startApiNode(config: Config, opts: { log?: Logger } = {}): Promise<ApiNode> {
+  const log = opts.log ?? createLogger(config.logLevel);
+  if (!config.databaseUrl) throw new ConfigError('an API node without an agent needs a shared Postgres (DATABASE_URL): the embedded database serves one process');
+  const { db, release } = await openStore(config, 'serve', log);
+  try {
+    const node = await startApi(config, db, log, [], () => true);
     let stopped = false;
     return {
       config,
       db,
-      host,
-      vms,
-      worker,
-      monitor,
-      health,
-      fabricManager,
-      reconciler,
-      agent,
-      api,
-      ready,
-      url: address,
       log,
+      ...node,
       async stop() {
         if (stopped) return;
         stopped = true;
-        await api.close();
-        await reconciler.stop();
-        await monitor.stop();
-        await health.stop();
-        await fabricManager.stop();
-        await worker.stop();
-        await agent.stop();
+        await node.close();
         await db.close();
-        folder.release();
+        release();
       },
     };
   } catch (err) {
-    for (const stop of started.reverse()) await stop().catch(() => {});
     await db.close().catch(() => {});
-    folder.release();
+    release();
+    throw err;
+  }
+}
+
+/** `gpuvm agent`: one host's agent against a shared Postgres, serving nothing. */
+export async function startAgentNode(
+  config: Config,
+  opts: { log?: Logger; hostConfig?: HostConfig; sim?: { hostId: string; board?: SimBoard } },
+): Promise<AgentRole & { log: Logger; db: Db }> {
+  const log = opts.log ?? createLogger(config.logLevel);
+  if (!config.databaseUrl) throw new ConfigError('gpuvm agent needs a shared Postgres (DATABASE_URL): the embedded database serves one process');
+  const { db, release } = await openStore(config, 'agent', log);
+  try {
+    const role = await startAgentRole(db, config, { log, policy: retryPolicy(config), command: 'agent', hostConfig: opts.hostConfig, sim: opts.sim });
+    return {
+      ...role,
+      log,
+      db,
+      async stop() {
+        await role.stop();
+        await db.close();
+        release();
+      },
+    };
+  } catch (err) {
+    await db.close().catch(() => {});
+    release();
+    throw err;
+  }
+}
+
+export async function startService(config: Config, opts: StartOptions = {}): Promise<Service> {
+  const log = opts.log ?? createLogger(config.logLevel);
+  const { db, release } = await openStore(config, 'serve', log);
+  const agents: AgentRole[] = [];
+  try {
+    const policy = retryPolicy(config);
+    if (opts.host || opts.hostConfig) {
+      agents.push(await startAgentRole(db, config, { log, policy, command: 'serve', host: opts.host, hostConfig: opts.hostConfig }));
+    } else {
+      for (const sim of simFleet(config, opts.simHosts)) agents.push(await startAgentRole(db, config, { log, policy, command: 'serve', sim }));
+    }
+    let isReady = false;
+    const ready = Promise.all(agents.map((a) => a.ready)).then(() => {
+      isReady = true;
+      log.info({ hosts: agents.map((a) => a.hostId) }, 'first reconciliation done: accepting creates');
+    });
+    ready.catch(() => {});
+    const node = await startApi(config, db, log, agents, () => isReady);
+    if (opts.waitReady !== false) await ready;
+
+    const first = agents[0]!;
+    let stopped = false;
+    return {
+      config,
+      db,
+      log,
+      ...node,
+      agents,
+      host: first.host,
+      worker: first.worker,
+      monitor: first.monitor,
+      health: first.health,
+      fabricManager: first.fabricManager,
+      reconciler: first.reconciler,
+      agent: first.agent,
+      ready,
+      async stop() {
+        if (stopped) return;
+        stopped = true;
+        await node.close();
+        for (const a of agents) await a.stop();
+        await db.close();
+        release();
+      },
+    };
+  } catch (err) {
+    for (const a of agents.reverse()) await a.stop().catch(() => {});
+    await db.close().catch(() => {});
+    release();
     throw err;
   }
 }

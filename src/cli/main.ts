@@ -16,6 +16,8 @@ import { randomUUID } from 'node:crypto';
 import { duration, table, time } from './format.ts';
 import { registerDoctor } from './doctor.ts';
 import { registerReplayCommands } from './replay.ts';
+import { registerHostCommands } from './hosts.ts';
+import { SIM_BOARDS, type SimBoard } from '../host/sim/sim-host.ts';
 
 class CliError extends Error {}
 
@@ -80,23 +82,28 @@ async function createWithRetry<T>(base: string, path: string, body: unknown, tim
 }
 
 /** A VM as the API sends it: the projection row, its timestamps as ISO strings. */
-type VmJson = Omit<VmRow, 'created_at' | 'updated_at'> & { created_at: string; updated_at: string };
+type VmJson = Omit<VmRow, 'created_at' | 'updated_at'> & { created_at: string; updated_at: string; status?: string };
 
 const print = (s: string): void => void process.stdout.write(s + '\n');
 const json = (v: unknown): void => print(JSON.stringify(v, null, 2));
 
 function vmTable(vms: VmJson[]): string {
   return table(
-    ['ID', 'NAME', 'STATE', 'GPUS', 'PARTITION', 'MODULES', 'CREATED'],
-    vms.map((v) => [v.id, v.name, v.state, v.gpu_count, v.partition_id, v.gpus.map((g) => g.moduleId).join(','), time(v.created_at)]),
+    ['ID', 'NAME', 'STATE', 'HOST', 'GPUS', 'PARTITION', 'MODULES', 'CREATED'],
+    vms.map((v) => [v.id, v.name, stateOf(v), v.host_id, v.gpu_count, v.partition_id, v.gpus.map((g) => g.moduleId).join(','), time(v.created_at)]),
   );
+}
+
+/** The VM's state, or `unknown (last <state>)` while its host's agent is unheard. */
+function stateOf(v: VmJson): string {
+  return v.status === 'unknown' ? `unknown (last ${v.state}; host unreachable)` : v.state;
 }
 
 function vmDetail(v: VmJson): string {
   const lines = [
     `id:         ${v.id}`,
     `name:       ${v.name}`,
-    `state:      ${v.state}${v.reason ? ` (${v.reason})` : ''}`,
+    `state:      ${stateOf(v)}${v.reason ? ` (${v.reason})` : ''}`,
     `host:       ${v.host_id}`,
     `partition:  ${v.partition_id}`,
     `qemu pid:   ${v.qemu_pid ?? '-'}`,
@@ -127,6 +134,30 @@ async function waitFor(base: string, id: string, states: string[], timeoutMs: nu
   }
 }
 
+function simBoard(name: string): SimBoard {
+  if (!(SIM_BOARDS as readonly string[]).includes(name)) throw new CliError(`unknown board ${JSON.stringify(name)}: one of ${SIM_BOARDS.join(', ')}`);
+  return name as SimBoard;
+}
+
+/** `--sim-hosts N --sim-board b200,h100`, checked; undefined for the default single simulated host. */
+function simFleetOption(count: string | undefined, boards: string | undefined): { count: number; boards: SimBoard[] } | undefined {
+  if (count === undefined && boards === undefined) return undefined;
+  const n = count === undefined ? 1 : Number(count);
+  if (!Number.isInteger(n) || n < 1 || n > 64) throw new CliError(`--sim-hosts must be a whole number from 1 to 64 (got ${JSON.stringify(count)})`);
+  return { count: n, boards: (boards ?? 'b200').split(',').map((b) => simBoard(b.trim())) };
+}
+
+/** Stops a running node on SIGINT or SIGTERM, then exits. */
+function stopOnSignal(node: { log: { info(o: object, m: string): void }; stop(): Promise<void> }): void {
+  const shutdown = async (signal: string) => {
+    node.log.info({ signal }, 'stopping');
+    await node.stop();
+    process.exit(0);
+  };
+  process.once('SIGINT', () => void shutdown('SIGINT'));
+  process.once('SIGTERM', () => void shutdown('SIGTERM'));
+}
+
 function program(): Command {
   const cli = new Command('gpuvm')
     .description('GPU VMs on NVIDIA HGX hosts in Shared NVSwitch Multitenancy')
@@ -136,27 +167,54 @@ function program(): Command {
 
   cli
     .command('serve')
-    .description('run the service: effect workers and the HTTP API (simulated host and embedded database by default)')
+    .description('run the service: the HTTP API and placement for every host in the database, and the agent of the local host (simulated host and embedded database by default)')
     .option('--port <port>', 'API port (default 7070)')
     .option('--listen <host>', 'API address (default 127.0.0.1)')
     .option('--data-dir <dir>', 'where the embedded database and the simulated host live (default ./.gpuvm)')
     .option('--database-url <url>', 'use this Postgres instead of the embedded database')
     .option('--host-id <id>', 'this host (default sim-b200)')
     .option('--config <file>', 'drive a real host described by this file (see docs/real-host.md); default: the simulated host')
+    .option('--sim-hosts <n>', 'run a simulated fleet: n simulated hosts, named sim-<board>-<i>, each with its agent')
+    .option('--sim-board <boards>', `board(s) of the simulated hosts, taken in turn: ${SIM_BOARDS.join(', ')} (default b200; e.g. b200,h100)`)
+    .option('--no-agent', 'an API node only: the agents run elsewhere (`gpuvm agent`; needs Postgres)')
     .action(async (o) => {
       const { loadHostConfig } = await import('../host/host-config.ts');
       const hostConfig = o.config ? await loadHostConfig(o.config) : undefined;
       const config = loadConfig({ port: o.port, listenHost: o.listen, dataDir: o.dataDir, databaseUrl: o.databaseUrl, hostId: hostConfig?.hostId ?? o.hostId });
-      const { startService } = await import('../service.ts');
-      // Serves while it starts: health says `starting` and creates get 503 until the first reconciliation.
-      const service = await startService(config, { hostConfig, waitReady: false });
-      const shutdown = async (signal: string) => {
-        service.log.info({ signal }, 'stopping');
-        await service.stop();
-        process.exit(0);
-      };
-      process.once('SIGINT', () => void shutdown('SIGINT'));
-      process.once('SIGTERM', () => void shutdown('SIGTERM'));
+      const service = await import('../service.ts');
+      let node: { log: { info(o: object, m: string): void }; stop(): Promise<void> };
+      if (o.agent === false) {
+        if (o.config || o.simHosts || o.simBoard) throw new CliError('--no-agent runs no host: drop --config, --sim-hosts and --sim-board');
+        node = await service.startApiNode(config);
+      } else {
+        const simHosts = simFleetOption(o.simHosts, o.simBoard);
+        if (simHosts && o.config) throw new CliError('--sim-hosts and --config exclude each other: a real host is one host');
+        // Serves while it starts: health says `starting` and creates get 503 until the first reconciliation.
+        node = await service.startService(config, { hostConfig, simHosts, waitReady: false });
+      }
+      stopOnSignal(node);
+    });
+
+  cli
+    .command('agent')
+    .description("run one host's agent: its effects, monitors, health checks and reconciliation, against a shared Postgres; serves nothing")
+    .requiredOption('--host-id <id>', 'the host this agent runs (with --config, it must match the file)')
+    .option('--config <file>', 'a real host described by this file (see docs/real-host.md); default: a simulated host')
+    .option('--sim-board <board>', `the simulated host's board: ${SIM_BOARDS.join(', ')} (default b200)`)
+    .option('--data-dir <dir>', 'where the simulated host lives (default ./.gpuvm)')
+    .option('--database-url <url>', 'the fleet\'s Postgres (default DATABASE_URL)')
+    .action(async (o) => {
+      const { loadHostConfig } = await import('../host/host-config.ts');
+      const hostConfig = o.config ? await loadHostConfig(o.config) : undefined;
+      if (hostConfig && hostConfig.hostId !== o.hostId) throw new CliError(`--host-id ${o.hostId} does not match the config file's hostId ${hostConfig.hostId}`);
+      if (hostConfig && o.simBoard) throw new CliError('--sim-board is for a simulated host; drop it with --config');
+      const config = loadConfig({ dataDir: o.dataDir, databaseUrl: o.databaseUrl, hostId: o.hostId });
+      if (!config.databaseUrl) {
+        throw new CliError('gpuvm agent needs a shared Postgres (DATABASE_URL or --database-url): the embedded database serves one process, and `gpuvm serve` runs the local agent itself');
+      }
+      const board = o.simBoard === undefined ? undefined : simBoard(o.simBoard);
+      const { startAgentNode } = await import('../service.ts');
+      stopOnSignal(await startAgentNode(config, { hostConfig, sim: hostConfig ? undefined : { hostId: config.hostId, board } }));
     });
 
   cli
@@ -221,6 +279,8 @@ function program(): Command {
     .description('create a VM with 1, 2, 4 or 8 GPUs')
     .requiredOption('--gpus <n>', '1, 2, 4 or 8')
     .option('--name <name>', 'a name (letters, digits, . _ -)')
+    .option('--host <id>', 'only on this host')
+    .option('--board <board>', 'only on hosts of this board: b200, b300, h100, h200')
     .option('--wait', 'wait until the VM runs (or fails), printing its progress')
     .option('--timeout <seconds>', 'with --wait', '300')
     .option('--json', 'print JSON')
@@ -228,21 +288,28 @@ function program(): Command {
       const base = serviceUrl(cli.opts());
       const gpus = Number(o.gpus);
       if (!Number.isInteger(gpus)) throw new CliError(`--gpus must be 1, 2, 4 or 8 (got ${JSON.stringify(o.gpus)})`);
-      let created = await createWithRetry<VmJson>(base, '/v1/vms', { gpus, ...(o.name === undefined ? {} : { name: o.name }) });
+      let created = await createWithRetry<VmJson>(base, '/v1/vms', {
+        gpus,
+        ...(o.name === undefined ? {} : { name: o.name }),
+        ...(o.host === undefined ? {} : { host: o.host }),
+        ...(o.board === undefined ? {} : { board: o.board }),
+      });
       if (o.wait) {
         created = await waitFor(base, created.id, ['running', 'failed', 'crashed', 'deleted'], Number(o.timeout) * 1000);
         if (created.state !== 'running') throw new CliError(`VM ${created.id} ended ${created.state}: ${created.reason ?? 'no reason recorded'}`);
       }
       if (o.json) json(created);
-      else print(o.wait ? `${created.id} running (partition ${created.partition_id}, modules ${created.gpus.map((g) => g.moduleId).join(',')})` : `${created.id} ${created.state}`);
+      else print(o.wait ? `${created.id} running on ${created.host_id} (partition ${created.partition_id}, modules ${created.gpus.map((g) => g.moduleId).join(',')})` : `${created.id} ${created.state} on ${created.host_id}`);
     });
 
   vm.command('ls')
     .description('list VMs')
     .option('--all', 'include deleted VMs')
+    .option('--host <id>', 'only the VMs on this host')
     .option('--json', 'print JSON')
     .action(async (o) => {
-      const { vms } = await call<{ vms: VmJson[] }>(serviceUrl(cli.opts()), 'GET', `/v1/vms${o.all ? '?all=true' : ''}`);
+      const query = new URLSearchParams({ ...(o.all ? { all: 'true' } : {}), ...(o.host ? { host: o.host } : {}) }).toString();
+      const { vms } = await call<{ vms: VmJson[] }>(serviceUrl(cli.opts()), 'GET', `/v1/vms${query ? `?${query}` : ''}`);
       if (o.json) json(vms);
       else print(vms.length ? vmTable(vms) : 'no VMs');
     });
@@ -271,56 +338,7 @@ function program(): Command {
       else print(`${v.id} ${v.state}`);
     });
 
-  const host = cli.command('host').description('hosts: their GPUs and what is quarantined');
-
-  host
-    .command('ls')
-    .description('list hosts with their GPUs (module → PCI address) and quarantined GPUs and partitions')
-    .option('--json', 'print JSON')
-    .action(async (o) => {
-      const { hosts } = await call<{ hosts: any[] }>(serviceUrl(cli.opts()), 'GET', '/v1/hosts');
-      if (o.json) return json(hosts);
-      for (const h of hosts) {
-        print(`${h.id}  ${h.board}${h.simulated ? ' (simulated)' : ''}  registered ${time(h.registeredAt)}`);
-        print(
-          table(
-            ['MODULE', 'PCI ADDRESS', 'HEALTH'],
-            h.gpus.map((g: any) => {
-              const q = h.quarantinedModules[String(g.moduleId)];
-              return [g.moduleId, g.pciAddress, q ? `quarantined (${q.source}): ${q.reason}` : 'ok'];
-            }),
-          ),
-        );
-        for (const p of h.quarantinedPartitions) print(`partition ${p.partitionId} quarantined: ${p.failure ?? 'failed twice'}`);
-      }
-    });
-
-  host
-    .command('clear-quarantine')
-    .argument('<host>', 'host id')
-    .description('return a quarantined GPU module or partition to service (after the operator fixed it)')
-    .option('--module <id>', 'a GPU module id (1-8)')
-    .option('--partition <id>', 'a partition id')
-    .option('--all', 'everything quarantined on the host')
-    .option('--json', 'print JSON')
-    .action(async (hostId, o) => {
-      const body = o.all ? { all: true } : o.module !== undefined ? { moduleId: Number(o.module) } : o.partition !== undefined ? { partitionId: Number(o.partition) } : {};
-      const cleared = await call<{ modules: number[]; partitions: number[] }>(serviceUrl(cli.opts()), 'POST', `/v1/hosts/${encodeURIComponent(hostId)}/clear-quarantine`, body);
-      if (o.json) return json(cleared);
-      print(`cleared on ${hostId}: modules [${cleared.modules.join(', ')}], partitions [${cleared.partitions.join(', ')}]`);
-    });
-
-  host
-    .command('repair')
-    .argument('<host>', 'host id')
-    .description('repair a broken or unrepaired partition: wait for its QEMU to be gone, GPUs back to the host driver, fmpm -d')
-    .requiredOption('--partition <id>', 'a partition id')
-    .option('--json', 'print JSON')
-    .action(async (hostId, o) => {
-      const p = await call<any>(serviceUrl(cli.opts()), 'POST', `/v1/hosts/${encodeURIComponent(hostId)}/repair`, { partitionId: Number(o.partition) });
-      if (o.json) return json(p);
-      print(`partition ${p.partition_id} on ${hostId} is ${p.state}: GPUs (modules ${p.modules.join(', ')}) back to the host driver, then fmpm -d`);
-    });
+  registerHostCommands(cli, { call, serviceUrl });
 
   cli
     .command('history')

@@ -38,6 +38,8 @@ interface AgentRow {
 
 export interface AgentOptions {
   command: string;
+  /** Published for API nodes that place VMs on this host (agents.vm_defaults). */
+  vmDefaults?: Record<string, unknown>;
   /** How often the lock's connection is checked and the heartbeat written. */
   heartbeatMs: number;
   log: Logger;
@@ -59,7 +61,7 @@ export class HostAgent {
 
   /** Takes the host's lock and its next epoch, or throws AgentConflictError naming the holder. */
   static async start(db: Db, hostId: string, opts: AgentOptions): Promise<HostAgent> {
-    const taken = await take(db, hostId, opts.command);
+    const taken = await take(db, hostId, opts);
     if ('holder' in taken) throw new AgentConflictError(conflictMessage(hostId, taken.holder));
     const agent = new HostAgent(db, hostId, opts, taken.session, taken.epoch);
     agent.watch();
@@ -76,7 +78,7 @@ export class HostAgent {
   async renew(): Promise<void> {
     for (let pause = 200; !this.stopped; pause = Math.min(pause * 2, 5000)) {
       try {
-        const taken = await take(this.db, this.hostId, this.opts.command);
+        const taken = await take(this.db, this.hostId, this.opts);
         if ('session' in taken) {
           this.session = taken.session;
           this.epoch = taken.epoch;
@@ -91,6 +93,15 @@ export class HostAgent {
       }
       await new Promise((r) => setTimeout(r, pause));
     }
+  }
+
+  /**
+   * This epoch has judged the host against the log (its first reconciliation): API nodes may place
+   * on it. A renewed epoch starts unjudged again. False if the epoch is no longer the host's.
+   */
+  async markReady(epoch: number): Promise<boolean> {
+    const r = await this.session.query('update agents set ready_at = now() where host_id = $1 and epoch = $2', [this.hostId, String(epoch)]);
+    return (r.rowCount ?? 0) > 0;
   }
 
   async stop(): Promise<void> {
@@ -128,7 +139,7 @@ export class HostAgent {
   }
 }
 
-async function take(db: Db, hostId: string, command: string): Promise<{ session: Session; epoch: number } | { holder: AgentRow | null }> {
+async function take(db: Db, hostId: string, opts: Pick<AgentOptions, 'command' | 'vmDefaults'>): Promise<{ session: Session; epoch: number } | { holder: AgentRow | null }> {
   const session = await db.openSession();
   try {
     if (db.kind === 'postgres') {
@@ -140,13 +151,13 @@ async function take(db: Db, hostId: string, command: string): Promise<{ session:
       }
     }
     const { rows } = await session.query<{ epoch: string }>(
-      `insert into agents (host_id, epoch, pid, machine, command, started_at, heartbeat_at)
-       values ($1, 1, $2, $3, $4, now(), now())
+      `insert into agents (host_id, epoch, pid, machine, command, started_at, heartbeat_at, ready_at, vm_defaults)
+       values ($1, 1, $2, $3, $4, now(), now(), null, $5)
        on conflict (host_id) do update
          set epoch = agents.epoch + 1, pid = excluded.pid, machine = excluded.machine, command = excluded.command,
-             started_at = excluded.started_at, heartbeat_at = excluded.heartbeat_at
+             started_at = excluded.started_at, heartbeat_at = excluded.heartbeat_at, ready_at = null, vm_defaults = excluded.vm_defaults
        returning epoch::text`,
-      [hostId, process.pid, hostname(), command],
+      [hostId, process.pid, hostname(), opts.command, opts.vmDefaults ? JSON.stringify(opts.vmDefaults) : null],
     );
     return { session, epoch: Number(rows[0]!.epoch) };
   } catch (err) {

@@ -128,6 +128,12 @@ export class Reconciler {
    * not see Fabric Manager, or failed, does not count); until then passes are retried every second.
    */
   async firstJudgement(): Promise<void> {
+    if (!this.judged) await this.judge();
+  }
+
+  /** Runs passes (every second) until one has judged the partitions against `fmpm -l`. */
+  async judge(): Promise<void> {
+    this.judged = false;
     while (!this.judged) {
       if (this.stopped) throw new Error('reconciliation stopped before its first pass');
       await this.reconcile().catch((err) => {

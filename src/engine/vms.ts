@@ -13,8 +13,12 @@ import { PREPARED } from '../store/db.ts';
 import type { Database } from '../store/schema.ts';
 import { applyEvent, commitSteps, prepareStep, type EffectPolicy, type LocalWorker } from './commands.ts';
 import { retrying } from './retrying.ts';
-import { choosePartition, GPU_COUNTS } from './placement.ts';
+import { GPU_COUNTS, place, type Demand, type GpuCount } from './placement.ts';
+import { availability, readCandidates, readHostStatus, unreachableHosts, type BoardName } from './fleet.ts';
 import { crashPoint } from './crash-points.ts';
+
+/** A VM in one of these has ended: it holds no GPUs and runs nothing. */
+export const ENDED_STATES: readonly string[] = ['deleted', 'failed', 'crashed'];
 
 export const VM_NAME_PATTERN = /^[a-zA-Z0-9][a-zA-Z0-9._-]{0,62}$/;
 export const VM_ID_PATTERN = /^vm-[a-z0-9]{10}$/;
@@ -28,6 +32,9 @@ export interface VmDefaults {
 export interface CreateVmRequest {
   gpus: number;
   name?: string;
+  /** Only this host (`--host`), or only hosts of this board (`--board`). */
+  hostId?: string;
+  board?: BoardName;
   actor: string;
   requestId?: string;
   /**
@@ -36,6 +43,19 @@ export interface CreateVmRequest {
    * never makes a second VM. The CREATE event's causation is `request:<key>`, unique among CREATEs.
    */
   idempotencyKey?: string;
+}
+
+/** A VM as the API shows it: its row, and `status` — its state, or `unknown` while its host's agent is unheard. */
+export type VmView = VmRow & { status: string };
+
+export interface VmServiceOptions {
+  /** Sizes for a host whose agent published none (agents.vm_defaults). */
+  defaults: VmDefaults;
+  policy: EffectPolicy;
+  /** The effect worker of each host whose agent runs in this process: it runs what these requests write at once. */
+  localWorkers?: ReadonlyMap<string, LocalWorker>;
+  /** An agent silent this long is unreachable: nothing is placed on its host and its VMs show `unknown`. */
+  silentMs: number;
 }
 
 export const IDEMPOTENCY_KEY_PATTERN = /^[A-Za-z0-9._:-]{8,128}$/;
@@ -49,16 +69,35 @@ function newVmId(): string {
 class PlacementRace extends Error {}
 
 export class VmService {
+  private readonly policy: EffectPolicy;
+  private readonly workers: ReadonlyMap<string, LocalWorker>;
+  private demand: { mix: Demand; readAt: number } | null = null;
+
   constructor(
     private readonly db: Kysely<Database>,
-    private readonly hostId: string,
-    private readonly defaults: VmDefaults,
-    private readonly policy: EffectPolicy,
-    /** The effect worker of this process: it runs the effects these requests write without a claim. */
-    private readonly worker: LocalWorker | null = null,
-    /** False until the service's first reconciliation has judged the host (see Service.ready). */
-    private readonly ready: () => boolean = () => true,
-  ) {}
+    private readonly opts: VmServiceOptions,
+  ) {
+    this.policy = opts.policy;
+    this.workers = opts.localWorkers ?? new Map();
+  }
+
+  /** The local worker of the host a VM is on, if that host's agent runs in this process. */
+  private async workerForVm(vmId: string): Promise<LocalWorker | undefined> {
+    if (this.workers.size === 0) return undefined;
+    for (const worker of this.workers.values()) if (worker.snapshots.get(vmStream(vmId))) return worker;
+    const row = await this.db.selectFrom('vms').select('host_id').where('id', '=', vmId).executeTakeFirst();
+    return row ? this.workers.get(row.host_id) : undefined;
+  }
+
+  /** The recent request mix (the last 1,000 creates by size), read at most every 10 s: what placement keeps room for. */
+  private async recentDemand(): Promise<Demand> {
+    if (this.demand && Date.now() - this.demand.readAt < 10_000) return this.demand.mix;
+    const { rows } = await sql<{ gpu_count: number; n: string }>`
+      select gpu_count, count(*)::text as n from (select gpu_count from vms order by created_at desc limit 1000) r group by gpu_count`.execute(this.db);
+    const mix: Demand = Object.fromEntries(rows.map((r) => [r.gpu_count, Number(r.n)]));
+    this.demand = { mix, readAt: Date.now() };
+    return mix;
+  }
 
   /** The VM a CREATE with this causation made, if one did. */
   private async createdBy(causationId: string): Promise<VmRow | null> {
@@ -83,7 +122,6 @@ export class VmService {
       const made = await this.createdBy(causationId);
       if (made) return this.sameRequest(made, req);
     }
-    if (!this.ready()) throw new GpuvmError(503, 'starting', 'gpuvm is starting: its first reconciliation with the host is under way; retry in a moment');
     try {
       return await this.place(req, causationId);
     } catch (err) {
@@ -93,7 +131,7 @@ export class VmService {
       const made = await this.createdBy(causationId).catch(() => null);
       if (!made) throw err;
       // The write committed: the effects it handed to this process's worker start now, not after their lease.
-      await this.worker?.adopt(made.id).catch(() => {});
+      await this.workers.get(made.host_id)?.adopt(made.id).catch(() => {});
       return this.sameRequest(made, req);
     }
   }
@@ -101,6 +139,8 @@ export class VmService {
   private async place(req: CreateVmRequest, causationId: string): Promise<VmRow> {
     const vmId = newVmId();
     const name = req.name ?? vmId;
+    const size = req.gpus as GpuCount;
+    const demand = await this.recentDemand();
     // A concurrent create may claim overlapping modules first; the primary key on gpu_claims then
     // refuses ours, and we decide again on what is left.
     for (let attempt = 0; attempt < 50; attempt++) {
@@ -108,33 +148,24 @@ export class VmService {
         // No transaction: the read below is advice, and the one statement that writes CLAIM and CREATE
         // together is guarded by the partition's stream version and the claims' primary key.
         const written = await retrying(async () => {
-          // One read: the host's partitions, its claimed GPUs and its quarantined ones.
-          const { rows: partitions } = await sql<{ partition_id: number; modules: number[]; state: string; claimed: number[]; quarantined: Record<string, unknown> | null }>`${sql.raw(PREPARED)}
-            select p.partition_id, p.modules, p.state,
-                   (select coalesce(json_agg(c.module_id), '[]') from gpu_claims c where c.host_id = ${this.hostId}) as claimed,
-                   (select h.quarantined_modules from hosts h where h.id = ${this.hostId}) as quarantined
-            from partitions p where p.host_id = ${this.hostId}`.execute(this.db);
-          if (partitions.length === 0) throw notFound(`host ${this.hostId} is not registered`);
-          const claimed = new Set(partitions[0]!.claimed);
-          const quarantined = new Set(Object.keys(partitions[0]!.quarantined ?? {}).map(Number));
-          // A quarantined GPU is as unavailable as a claimed one; a quarantined partition is not 'free'.
-          const unavailable = new Set([...claimed, ...quarantined]);
-          const chosen = choosePartition(
-            partitions.map((p) => ({ partitionId: p.partition_id, modules: p.modules, state: p.state })),
-            unavailable,
-            req.gpus,
-          );
-          if (!chosen) {
-            const held = quarantined.size ? `, ${quarantined.size} quarantined` : '';
-            throw conflict(
-              'no-capacity',
-              `no capacity: no free partition of ${req.gpus} GPU(s) on host ${this.hostId} (${8 - claimed.size} of 8 modules unclaimed${held})`,
-            );
-          }
-          const pStream = partitionStream(this.hostId, chosen.partitionId);
+          const fleet = await readCandidates(this.db, { size, hostId: req.hostId, board: req.board }, this.opts.silentMs);
+          const decision = place(fleet.hosts, size, demand);
+          if (!decision) throw await this.noPlacement(req);
+          const { chosen, runnerUp } = decision;
+          const worker = this.workers.get(chosen.hostId);
+          const defaults = { ...this.opts.defaults, ...(fleet.vmDefaults.get(chosen.hostId) ?? {}) } as VmDefaults;
+          const pStream = partitionStream(chosen.hostId, chosen.partitionId);
           const meta = { actor: req.actor, correlationId: vmId, causationId };
-          const snapshots = this.worker?.snapshots;
-          const claim = await prepareStep(this.db, pStream, { type: 'CLAIM', vmId }, meta, this.policy, { snapshots });
+          const snapshots = worker?.snapshots;
+          // Why here: the policy's score and the runner-up, for an incident review.
+          const placement = {
+            policy: decision.policy,
+            score: chosen.score,
+            runnerUp: runnerUp ? { hostId: runnerUp.hostId, partitionId: runnerUp.partitionId, score: runnerUp.score } : null,
+            candidates: fleet.hosts.length,
+            demand,
+          };
+          const claim = await prepareStep(this.db, pStream, { type: 'CLAIM', vmId, placement }, meta, this.policy, { snapshots });
           // Another placement claimed it after we read the table: decide again on fresh state.
           if (claim.kind !== 'prepared') throw new PlacementRace();
           const ctx = claim.next.context as { gpus: { moduleId: number; pciAddress: string }[] };
@@ -145,12 +176,12 @@ export class VmService {
               type: 'CREATE',
               vmId,
               name,
-              hostId: this.hostId,
+              hostId: chosen.hostId,
               partitionId: chosen.partitionId,
               gpus: [...ctx.gpus].sort((a, b) => a.moduleId - b.moduleId),
-              memoryMiB: this.defaults.memoryMiB,
-              vcpus: this.defaults.vcpus,
-              powerdownTimeoutMs: this.defaults.powerdownTimeoutMs,
+              memoryMiB: defaults.memoryMiB,
+              vcpus: defaults.vcpus,
+              powerdownTimeoutMs: defaults.powerdownTimeoutMs,
             },
             meta,
             this.policy,
@@ -158,11 +189,12 @@ export class VmService {
             { snapshot: null },
           );
           if (created.kind !== 'prepared') throw new Error(`vm ${vmId} could not be created`);
-          return commitSteps(this.db, [claim, created], { snapshots, claimFor: this.worker?.claimOnWrite(), batcher: this.worker?.batcher });
+          const steps = await commitSteps(this.db, [claim, created], { snapshots, claimFor: worker?.claimOnWrite(), batcher: worker?.batcher });
+          return { steps, worker };
         });
         crashPoint('event:CREATE:after-commit');
-        for (const result of written) this.worker?.handOver(result);
-        return vmRow(written[1]!.snapshot);
+        for (const result of written.steps) written.worker?.handOver(result);
+        return vmRow(written.steps[1]!.snapshot);
       } catch (err) {
         if (err instanceof PlacementRace || isClaimConflict(err)) continue;
         if (isUniqueViolation(err, 'vms_live_name')) throw conflict('name-taken', `a VM named ${JSON.stringify(name)} already exists`);
@@ -172,13 +204,42 @@ export class VmService {
     throw conflict('contention', 'could not place the VM: too many concurrent placements, try again');
   }
 
+  /**
+   * Why nothing could be placed, as an operator needs it: 503 while a host that could take the VM is
+   * still starting (retry shortly), 404 for a pinned host that does not exist, else 409 no-capacity
+   * naming what the fleet holds back.
+   */
+  private async noPlacement(req: CreateVmRequest): Promise<GpuvmError> {
+    const hosts = await readHostStatus(this.db, this.opts.silentMs, req.hostId);
+    if (req.hostId !== undefined && hosts.length === 0) return notFound(`no host ${req.hostId}`);
+    const matching = req.board === undefined ? hosts : hosts.filter((h) => new RegExp(`\\b${req.board}\\b`, 'i').test(h.board));
+    const where = req.hostId !== undefined ? `on host ${req.hostId}` : req.board !== undefined ? `on a ${req.board.toUpperCase()} host` : 'in the fleet';
+    if (matching.length === 0) return conflict('no-capacity', `no capacity: no host ${where.replace(/^(on|in) (a |the )?/, '')}`);
+    const by = new Map<string, string[]>();
+    for (const h of matching) {
+      const a = availability(h);
+      by.set(a, [...(by.get(a) ?? []), h.id]);
+    }
+    if (by.has('starting') || by.has('registering')) {
+      const starting = [...(by.get('starting') ?? []), ...(by.get('registering') ?? [])];
+      return new GpuvmError(503, 'starting', `no capacity ${where} yet: host(s) ${starting.join(', ')} are starting (their agent's first reconciliation is under way); retry in a moment`);
+    }
+    const held = [...by].filter(([a]) => a !== 'ready').map(([a, ids]) => `${a}: ${ids.length > 3 ? `${ids.slice(0, 3).join(', ')} and ${ids.length - 3} more` : ids.join(', ')}`);
+    const ready = by.get('ready')?.length ?? 0;
+    return conflict(
+      'no-capacity',
+      `no capacity: no free partition of ${req.gpus} GPU${req.gpus === 1 ? '' : 's'} ${where} (${ready} host${ready === 1 ? '' : 's'} taking VMs${held.length ? `; ${held.join('; ')}` : ''})`,
+    );
+  }
+
   /** Accepted in every state but `deleted`; a repeat while deletion is under way changes nothing. */
   async delete(vmId: string, actor: string, requestId: string = randomUUID()): Promise<VmRow> {
+    const worker = await this.workerForVm(vmId);
     const result = await retrying(() =>
       applyEvent(this.db, vmStream(vmId), { type: 'DELETE' }, { actor, correlationId: vmId, causationId: `request:${requestId}` }, this.policy, {
-        snapshots: this.worker?.snapshots,
-        batcher: this.worker?.batcher,
-        claimFor: this.worker?.claimOnWrite(),
+        snapshots: worker?.snapshots,
+        batcher: worker?.batcher,
+        claimFor: worker?.claimOnWrite(),
       }),
     );
     if (result.kind === 'rejected') {
@@ -189,7 +250,7 @@ export class VmService {
       throw conflict('bad-state', `VM ${vmId} is already ${snapshot.state}`);
     }
     crashPoint('event:DELETE:after-commit');
-    this.worker?.handOver(result);
+    worker?.handOver(result);
     return vmRow(result.snapshot);
   }
 
@@ -213,7 +274,8 @@ export class VmService {
     const deadline = Date.now() + timeoutMs;
     let heard: StreamSnapshot | null = null;
     let wake: () => void = () => {};
-    const unwatch = this.worker?.snapshots.watch(vmStream(vmId), (s) => {
+    const worker = await this.workerForVm(vmId);
+    const unwatch = worker?.snapshots.watch(vmStream(vmId), (s) => {
       if (s.state === from) return;
       heard = s;
       wake();
@@ -221,7 +283,7 @@ export class VmService {
     try {
       // Read after the watch is set: a step committed in between is either read here or heard. When
       // the last snapshot this process committed is still in `from`, there is nothing to read yet.
-      const cached = this.worker?.snapshots.get(vmStream(vmId));
+      const cached = worker?.snapshots.get(vmStream(vmId));
       let vm = cached?.state === from ? vmRow(cached) : await this.get(vmId);
       for (;;) {
         if (heard) return vmRow(heard);
@@ -240,10 +302,26 @@ export class VmService {
     }
   }
 
-  async list(opts: { includeDeleted?: boolean } = {}): Promise<VmRow[]> {
+  async list(opts: { includeDeleted?: boolean; hostId?: string } = {}): Promise<VmView[]> {
     let q = this.db.selectFrom('vms').selectAll().orderBy('created_at').orderBy('id');
     if (!opts.includeDeleted) q = q.where('state', '<>', 'deleted');
-    return (await q.execute()) as VmRow[];
+    if (opts.hostId !== undefined) q = q.where('host_id', '=', opts.hostId);
+    return this.withStatus((await q.execute()) as VmRow[]);
+  }
+
+  /** One VM as the API shows it (see VmView). */
+  async view(vm: VmRow): Promise<VmView> {
+    return (await this.withStatus([vm]))[0]!;
+  }
+
+  /**
+   * A live VM on a host whose agent is unheard shows `unknown`: its QEMU may be fine, and nothing can
+   * say until the agent returns and reconciles. An ended VM shows its state.
+   */
+  private async withStatus(rows: VmRow[]): Promise<VmView[]> {
+    const live = rows.filter((r) => !ENDED_STATES.includes(r.state));
+    const unheard = live.length === 0 ? new Set<string>() : await unreachableHosts(this.db, this.opts.silentMs);
+    return rows.map((r) => ({ ...r, status: !ENDED_STATES.includes(r.state) && unheard.has(r.host_id) ? 'unknown' : r.state }));
   }
 
   /** Every event of the VM and of its partition's cycle, and every try of every effect they asked for. */

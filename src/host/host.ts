@@ -70,7 +70,8 @@ export async function openSimulatedHost(opts: SimulatedHostOptions, log: Logger)
     nvidiaSmi: new NvidiaSmi({ bin: sim.nvidiaSmiBin, timeoutMs: opts.toolTimeoutMs }),
     sysfs: new Sysfs({ root: sim.sysfsRoot, bindTimeoutMs: opts.bindTimeoutMs }),
     // The simulated host's QMP answers as fast as its tools: a hung one fails after the tool timeout.
-    qemu: new Qemu({ bin: qemuBin, runRoot: join(opts.dataDir, 'run'), accel: 'tcg', qmpCommandTimeoutMs: opts.toolTimeoutMs }),
+    // Per host: several simulated hosts may share a data folder (--sim-hosts), and each lists only its own QEMUs.
+    qemu: new Qemu({ bin: qemuBin, runRoot: join(opts.dataDir, 'run', opts.hostId), accel: 'tcg', qmpCommandTimeoutMs: opts.toolTimeoutMs }),
     gpuDevice: 'stand-in',
     hostDriver: 'nvidia',
     qemuDescription,

@@ -85,6 +85,8 @@ export interface AgentsTable {
   heartbeat_at: Timestamp;
   /** When this epoch's agent finished its first reconciliation; null while it starts. */
   ready_at: Timestamp | null;
+  /** The host's VM defaults as its agent's config gives them (memoryMiB, vcpus, powerdownTimeoutMs). */
+  vm_defaults: Json<Record<string, unknown>> | null;
 }
 
 export interface HostsTable {
