@@ -647,7 +647,7 @@ export async function runLifecycles(g: GpuvmUnderTest, opts: { total: number; co
     while (next < opts.total) {
       next++;
       const t0 = wallNow();
-      const vm = await host.vms.create({ gpus: 1, actor: 'bench' });
+      const vm = await host.vms.create({ gpus: 1, hostId: host.hostId, actor: 'bench' });
       await untilState(host.vms, vm, ['running']);
       await untilState(host.vms, await host.vms.delete(vm.id, 'bench'), ['deleted']);
       latencies.push(wallNow() - t0);

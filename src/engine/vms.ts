@@ -225,11 +225,21 @@ export class VmService {
       return new GpuvmError(503, 'starting', `no capacity ${where} yet: host(s) ${starting.join(', ')} are starting (their agent's first reconciliation is under way); retry in a moment`);
     }
     const held = [...by].filter(([a]) => a !== 'ready').map(([a, ids]) => `${a}: ${ids.length > 3 ? `${ids.slice(0, 3).join(', ')} and ${ids.length - 3} more` : ids.join(', ')}`);
-    const ready = by.get('ready')?.length ?? 0;
-    return conflict(
-      'no-capacity',
-      `no capacity: no free partition of ${req.gpus} GPU${req.gpus === 1 ? '' : 's'} ${where} (${ready} host${ready === 1 ? '' : 's'} taking VMs${held.length ? `; ${held.join('; ')}` : ''})`,
-    );
+    const ready = by.get('ready') ?? [];
+    // A few hosts taking VMs: say what each holds; a fleet: how many.
+    let taking = `${ready.length} host${ready.length === 1 ? '' : 's'} taking VMs`;
+    if (ready.length > 0 && ready.length <= 3) {
+      const { rows } = await sql<{ id: string; claimed: string; quarantined: Record<string, unknown> }>`
+        select h.id, (select count(*) from gpu_claims c where c.host_id = h.id)::text as claimed, h.quarantined_modules as quarantined
+        from hosts h where h.id in (${sql.join(ready)}) order by h.id`.execute(this.db);
+      taking = rows
+        .map((r) => {
+          const q = Object.keys(r.quarantined ?? {}).length;
+          return `${r.id}: ${8 - Number(r.claimed)} of 8 modules unclaimed${q ? `, ${q} quarantined` : ''}`;
+        })
+        .join('; ');
+    }
+    return conflict('no-capacity', `no capacity: no free partition of ${req.gpus} GPU${req.gpus === 1 ? '' : 's'} ${where} (${taking}${held.length ? `; ${held.join('; ')}` : ''})`);
   }
 
   /** Accepted in every state but `deleted`; a repeat while deletion is under way changes nothing. */
