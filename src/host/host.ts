@@ -12,7 +12,7 @@ import { HostFence } from './fence.ts';
 import { Fmpm } from './fmpm.ts';
 import { NvidiaSmi } from './nvidia-smi.ts';
 import { findQemuBinary, Qemu } from './qemu.ts';
-import { createSimHost, startSimKernel } from './sim/sim-host.ts';
+import { createSimHost, startSimKernel, type SimBoard } from './sim/sim-host.ts';
 import { Sysfs } from './sysfs.ts';
 
 export interface HostAdapters {
@@ -44,15 +44,17 @@ export interface SimulatedHostOptions {
   qemuBin?: string;
   bindTimeoutMs: number;
   toolTimeoutMs: number;
+  /** The board the simulated host presents (default 'b200'). */
+  board?: SimBoard;
 }
 
 export const QEMU_STANDIN = fileURLToPath(new URL('./sim/bin/qemu-standin.mjs', import.meta.url));
 
 export async function openSimulatedHost(opts: SimulatedHostOptions, log: Logger): Promise<HostAdapters> {
   const root = join(opts.dataDir, 'sim', opts.hostId);
-  const sim = await createSimHost({ root, hostId: opts.hostId });
+  const sim = await createSimHost({ root, hostId: opts.hostId, board: opts.board });
   const kernel = await startSimKernel(root);
-  log.info({ hostId: opts.hostId, root, kernelPid: kernel.pid, started: kernel.started }, 'simulated B200 host ready');
+  log.info({ hostId: opts.hostId, board: sim.board, root, kernelPid: kernel.pid, started: kernel.started }, `simulated ${sim.board.toUpperCase()} host ready`);
 
   let qemuBin = opts.qemuBin ?? (await findQemuBinary());
   let qemuDescription: string;
