@@ -9,6 +9,7 @@ import { fileURLToPath } from 'node:url';
 import type { HostInventory } from '../../machines/index.ts';
 import type { Logger } from '../log.ts';
 import { HostFence } from './fence.ts';
+import { boardOf } from './doctor.ts';
 import { Fmpm } from './fmpm.ts';
 import { NvidiaSmi } from './nvidia-smi.ts';
 import { findQemuBinary, Qemu } from './qemu.ts';
@@ -88,6 +89,8 @@ export type InventoryErrorCode =
   | 'bad-module-map'
   /** nvidia-smi's mapping differs from the configured `expectedGpus`. */
   | 'unexpected-mapping'
+  /** nvidia-smi reports another board than the configured `board`. */
+  | 'board-mismatch'
   /** `fmpm -l`: no partitions, a partition of a size gpuvm cannot place, or one naming an unknown module. */
   | 'bad-partition-table'
   /** sysfs: a GPU's IOMMU group or BARs cannot be read. */
@@ -120,6 +123,8 @@ export type InventoryTaken = TakenInventory & { activePartitions: number[] };
 export interface InventoryOptions {
   /** The module → PCI mapping the operator expects (host config `expectedGpus`): any difference is refused. */
   expectedGpus?: readonly { moduleId: number; pciAddress: string }[];
+  /** The board the operator expects (host config `board`, e.g. 'H100'): nvidia-smi reporting another is refused. */
+  expectedBoard?: string;
 }
 
 /** VM sizes gpuvm places (1, 2, 4 or 8 GPUs); a partition of another size could never be used. */
@@ -148,6 +153,17 @@ export async function takeInventory(host: HostAdapters, opts: InventoryOptions =
     byModule.set(gpu.moduleId, gpu.pciAddress);
   }
   const seenModules = () => [...byModule.keys()].sort(numeric).join(', ') || 'none';
+
+  if (opts.expectedBoard !== undefined) {
+    // Every GPU, not the first: a board reporting two products is not the configured one either.
+    const want = opts.expectedBoard.toUpperCase();
+    const names = [...new Set(report.gpus.map((g) => g.productName))];
+    const wrong = names.filter((n) => boardOf(n) !== want);
+    if (names.length === 0 || wrong.length > 0) {
+      const seen = names.map((n) => `${n} (${boardOf(n) ?? 'unknown board'})`).join(', ') || 'no GPU';
+      throw new InventoryError('board-mismatch', `host ${host.hostId} is configured as board ${want}, but nvidia-smi reports ${seen}`);
+    }
+  }
 
   if (opts.expectedGpus) {
     // Every difference at once: an operator fixing a swapped cable or a wrong config wants the whole picture.
