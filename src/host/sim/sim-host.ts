@@ -104,8 +104,9 @@ interface BoardSpec {
 }
 
 /**
- * Device ids: DESIGN §2.1, and 10de:2335 for the H200 (its nvidia-smi Device Id 0x233510DE). H100 BARs from fixtures/host-captures/h100-sxm-sysfs.txt;
- * H200 and B200 have a 256 GiB BAR2 (same note); B300 is assumed to match B200 (no capture).
+ * Device ids: DESIGN §2.1, and 10de:2335 for the H200 (its nvidia-smi Device Id 0x233510DE).
+ * BARs: H100 from fixtures/host-captures/h100-sxm-sysfs.txt, whose note gives H200 and B200 a
+ * 256 GiB BAR2; B300 is assumed to match B200 (no capture).
  */
 const BOARD_SPECS: Record<SimBoard, BoardSpec> = {
   b200: { name: 'B200', productName: 'NVIDIA B200', pciDeviceId: '0x2901', partitions: BLACKWELL_PARTITIONS, bar0: 64n * MiB, bar2: 256n * GiB },
@@ -277,11 +278,11 @@ async function writeWrappers(root: string): Promise<void> {
 export async function createSimHost(opts: SimHostOptions): Promise<SimHostInfo> {
   const root = path.resolve(opts.root);
   const hostFile = path.join(root, 'host.json');
-  await mkdir(root, { recursive: true });
   const board = opts.board ?? 'b200';
   if (!(SIM_BOARDS as readonly string[]).includes(board)) {
     throw new SimHostError('bad-board', `unknown simulated board ${JSON.stringify(board)}: expected one of ${SIM_BOARDS.join(', ')}`);
   }
+  await mkdir(root, { recursive: true });
   if (await exists(hostFile)) {
     const existing = await loadSimHost(root);
     // A folder is one board for life: its sysfs, BARs and tables were laid out for that board.
