@@ -110,7 +110,9 @@ describe('parsePartitionTable', () => {
     }
     expect(t.partitions.filter((p) => p.isActive).map((p) => p.partitionId)).toEqual([3, 4]);
     const gpu = t.partitions[0]!.gpus[0]!;
-    expect(gpu).toEqual({ physicalId: 1, pciBusId: '', uuid: '', maxNumNvLinks: 18, numNvLinksAvailable: 18, nvlinkLineRateMBps: 106250 });
+    expect(gpu).toEqual({ physicalId: 1, pciBusId: '', uuid: '', maxNumNvLinks: 18, numNvLinksAvailable: 18, nvlinkLineRateMBps: 53125 });
+    // A single-GPU partition has no NVLink peers.
+    expect(t.partitions.find((p) => p.partitionId === 8)!.gpus[0]).toMatchObject({ physicalId: 1, maxNumNvLinks: 0, numNvLinksAvailable: 0 });
   });
 
   it('reads an H100 table (ids 0..14, other pairings)', async () => {
@@ -120,7 +122,8 @@ describe('parsePartitionTable', () => {
       expect(t.partitions.find((p) => p.partitionId === Number(id))!.gpus.map((g) => g.physicalId)).toEqual(modules);
     }
     expect(t.partitions.filter((p) => p.isActive).map((p) => p.partitionId)).toEqual([0]);
-    expect(t.partitions[7]!.gpus[0]!.nvlinkLineRateMBps).toBe(53125);
+    expect(t.partitions[0]!.gpus[0]).toMatchObject({ maxNumNvLinks: 18, numNvLinksAvailable: 18, nvlinkLineRateMBps: 26562 });
+    expect(t.partitions[7]!.gpus[0]).toMatchObject({ maxNumNvLinks: 0, numNvLinksAvailable: 0, nvlinkLineRateMBps: 26562 });
   });
 
   it('skips a banner printed before the JSON document', async () => {

@@ -1,5 +1,5 @@
 /**
- * The simulated B200 host builder and the simulated kernel process's lifecycle and raw behaviour
+ * The simulated host builder (a B200 by default; other boards: boards.test.ts) and the simulated kernel process's lifecycle and raw behaviour
  * (what it does with writes that do not come from the adapter).
  */
 import { execa } from 'execa';
@@ -71,6 +71,7 @@ describe('createSimHost', () => {
     const info = await createSimHost({ root });
     expect(info.root).toBe(root);
     expect(info.hostId).toBe('sim-b200');
+    expect(info.board).toBe('b200');
     expect(info.sysfsRoot).toBe(root);
     expect(info.fmpmBin).toBe(path.join(root, 'bin', 'fmpm'));
     expect(info.nvidiaSmiBin).toBe(path.join(root, 'bin', 'nvidia-smi'));

@@ -9,10 +9,11 @@ import { fileURLToPath } from 'node:url';
 import type { HostInventory } from '../../machines/index.ts';
 import type { Logger } from '../log.ts';
 import { HostFence } from './fence.ts';
+import { boardOf } from './doctor.ts';
 import { Fmpm } from './fmpm.ts';
 import { NvidiaSmi } from './nvidia-smi.ts';
 import { findQemuBinary, Qemu } from './qemu.ts';
-import { createSimHost, startSimKernel } from './sim/sim-host.ts';
+import { createSimHost, startSimKernel, type SimBoard } from './sim/sim-host.ts';
 import { Sysfs } from './sysfs.ts';
 
 export interface HostAdapters {
@@ -44,15 +45,17 @@ export interface SimulatedHostOptions {
   qemuBin?: string;
   bindTimeoutMs: number;
   toolTimeoutMs: number;
+  /** The board the simulated host presents (default 'b200'). */
+  board?: SimBoard;
 }
 
 export const QEMU_STANDIN = fileURLToPath(new URL('./sim/bin/qemu-standin.mjs', import.meta.url));
 
 export async function openSimulatedHost(opts: SimulatedHostOptions, log: Logger): Promise<HostAdapters> {
   const root = join(opts.dataDir, 'sim', opts.hostId);
-  const sim = await createSimHost({ root, hostId: opts.hostId });
+  const sim = await createSimHost({ root, hostId: opts.hostId, board: opts.board });
   const kernel = await startSimKernel(root);
-  log.info({ hostId: opts.hostId, root, kernelPid: kernel.pid, started: kernel.started }, 'simulated B200 host ready');
+  log.info({ hostId: opts.hostId, board: sim.board, root, kernelPid: kernel.pid, started: kernel.started }, `simulated ${sim.board.toUpperCase()} host ready`);
 
   let qemuBin = opts.qemuBin ?? (await findQemuBinary());
   let qemuDescription: string;
@@ -87,6 +90,8 @@ export type InventoryErrorCode =
   | 'bad-module-map'
   /** nvidia-smi's mapping differs from the configured `expectedGpus`. */
   | 'unexpected-mapping'
+  /** nvidia-smi reports another board than the configured `board`. */
+  | 'board-mismatch'
   /** `fmpm -l`: no partitions, a partition of a size gpuvm cannot place, or one naming an unknown module. */
   | 'bad-partition-table'
   /** sysfs: a GPU's IOMMU group or BARs cannot be read. */
@@ -119,6 +124,8 @@ export type InventoryTaken = TakenInventory & { activePartitions: number[] };
 export interface InventoryOptions {
   /** The module → PCI mapping the operator expects (host config `expectedGpus`): any difference is refused. */
   expectedGpus?: readonly { moduleId: number; pciAddress: string }[];
+  /** The board the operator expects (host config `board`, e.g. 'H100'): nvidia-smi reporting another is refused. */
+  expectedBoard?: string;
 }
 
 /** VM sizes gpuvm places (1, 2, 4 or 8 GPUs); a partition of another size could never be used. */
@@ -147,6 +154,17 @@ export async function takeInventory(host: HostAdapters, opts: InventoryOptions =
     byModule.set(gpu.moduleId, gpu.pciAddress);
   }
   const seenModules = () => [...byModule.keys()].sort(numeric).join(', ') || 'none';
+
+  if (opts.expectedBoard !== undefined) {
+    // Every GPU, not the first: a board reporting two products is not the configured one either.
+    const want = opts.expectedBoard.toUpperCase();
+    const names = [...new Set(report.gpus.map((g) => g.productName))];
+    const wrong = names.filter((n) => boardOf(n) !== want);
+    if (names.length === 0 || wrong.length > 0) {
+      const seen = names.map((n) => `${n} (${boardOf(n) ?? 'unknown board'})`).join(', ') || 'no GPU';
+      throw new InventoryError('board-mismatch', `host ${host.hostId} is configured as board ${want}, but nvidia-smi reports ${seen}`);
+    }
+  }
 
   if (opts.expectedGpus) {
     // Every difference at once: an operator fixing a swapped cable or a wrong config wants the whole picture.

@@ -1,5 +1,5 @@
 /**
- * Builds a simulated HGX B200 host in a folder and starts/stops its simulated kernel.
+ * Builds a simulated HGX host (B200, B300, H100 or H200) in a folder and starts/stops its simulated kernel.
  *
  * The folder holds what a real host would show gpuvm: a sysfs tree (devices, drivers, IOMMU
  * groups, `driver` symlinks), `dev/vfio`, `bin/fmpm` / `bin/nvidia-smi` / `bin/nv-fabricmanager`
@@ -18,9 +18,14 @@ import { isPciAddress, parsePciAddress } from '../pci.ts';
 import { layOutHostFiles } from './host-files.ts';
 import { pidAlive } from './kernel.ts';
 
+export const SIM_BOARDS = ['b200', 'b300', 'h100', 'h200'] as const;
+export type SimBoard = (typeof SIM_BOARDS)[number];
+
 export interface SimHostOptions {
   root: string;
   hostId?: string;
+  /** The HGX board the host presents (default 'b200'); an existing folder must hold the same one. */
+  board?: SimBoard;
   /** Shuffles module ids against PCI order; the default is fixed so hosts are reproducible. */
   seed?: number;
 }
@@ -28,6 +33,7 @@ export interface SimHostOptions {
 export interface SimHostInfo {
   root: string;
   hostId: string;
+  board: SimBoard;
   fmpmBin: string;
   nvidiaSmiBin: string;
   sysfsRoot: string;
@@ -40,7 +46,7 @@ export interface SimHostInfo {
 export class SimHostError extends Error {
   override name = 'SimHostError';
   constructor(
-    readonly code: 'bad-host-json' | 'kernel-start-failed' | 'kernel-stop-failed',
+    readonly code: 'bad-host-json' | 'bad-board' | 'board-mismatch' | 'kernel-start-failed' | 'kernel-stop-failed',
     message: string,
     options?: { cause?: unknown },
   ) {
@@ -58,8 +64,9 @@ const IOMMU_GROUPS = [21, 36, 51, 66, 81, 96, 111, 126];
 const SHARED_GROUP_GPU = '0000:bb:00.0';
 const SIBLING = { pciAddress: '0000:bb:00.1', vendor: '0x10de', device: '0x22e8', class: '0x040300', driver: 'snd_hda_intel' };
 const DRIVERS = ['nvidia', 'vfio-pci', 'snd_hda_intel'];
+const singles = (firstId: number) => [1, 2, 3, 4, 5, 6, 7, 8].map((m) => ({ id: firstId + m - 1, modules: [m] }));
 /** DESIGN §2.1, B200/B300 default 8-GPU table. */
-const B200_PARTITIONS: { id: number; modules: number[] }[] = [
+const BLACKWELL_PARTITIONS: { id: number; modules: number[] }[] = [
   { id: 1, modules: [1, 2, 3, 4, 5, 6, 7, 8] },
   { id: 2, modules: [1, 2, 3, 4] },
   { id: 3, modules: [5, 6, 7, 8] },
@@ -67,11 +74,46 @@ const B200_PARTITIONS: { id: number; modules: number[] }[] = [
   { id: 5, modules: [3, 4] },
   { id: 6, modules: [5, 6] },
   { id: 7, modules: [7, 8] },
-  ...[1, 2, 3, 4, 5, 6, 7, 8].map((m) => ({ id: 7 + m, modules: [m] })),
+  ...singles(8),
+];
+/** DESIGN §2.1, H100/H200 default 8-GPU table: other ids, and pairs {1,3} {2,4} rather than neighbours. */
+const HOPPER_PARTITIONS: { id: number; modules: number[] }[] = [
+  { id: 0, modules: [1, 2, 3, 4, 5, 6, 7, 8] },
+  { id: 1, modules: [1, 2, 3, 4] },
+  { id: 2, modules: [5, 6, 7, 8] },
+  { id: 3, modules: [1, 3] },
+  { id: 4, modules: [2, 4] },
+  { id: 5, modules: [5, 7] },
+  { id: 6, modules: [6, 8] },
+  ...singles(7),
 ];
 
 const MiB = 1n << 20n;
 const GiB = 1n << 30n;
+
+interface BoardSpec {
+  /** host.json's `board`, as the host config spells it. */
+  name: 'B200' | 'B300' | 'H100' | 'H200';
+  /** As nvidia-smi prints it. */
+  productName: string;
+  pciDeviceId: string;
+  partitions: { id: number; modules: number[] }[];
+  /** BAR0 (registers) and BAR2 (framebuffer aperture, nvidia-smi's BAR1); BAR4 is 32 MiB on all four. */
+  bar0: bigint;
+  bar2: bigint;
+}
+
+/**
+ * Device ids: DESIGN §2.1, and 10de:2335 for the H200 (its nvidia-smi Device Id 0x233510DE).
+ * BARs: H100 from fixtures/host-captures/h100-sxm-sysfs.txt, whose note gives H200 and B200 a
+ * 256 GiB BAR2; B300 is assumed to match B200 (no capture).
+ */
+const BOARD_SPECS: Record<SimBoard, BoardSpec> = {
+  b200: { name: 'B200', productName: 'NVIDIA B200', pciDeviceId: '0x2901', partitions: BLACKWELL_PARTITIONS, bar0: 64n * MiB, bar2: 256n * GiB },
+  b300: { name: 'B300', productName: 'NVIDIA B300 SXM6 AC', pciDeviceId: '0x3182', partitions: BLACKWELL_PARTITIONS, bar0: 64n * MiB, bar2: 256n * GiB },
+  h100: { name: 'H100', productName: 'NVIDIA H100 80GB HBM3', pciDeviceId: '0x2330', partitions: HOPPER_PARTITIONS, bar0: 16n * MiB, bar2: 128n * GiB },
+  h200: { name: 'H200', productName: 'NVIDIA H200', pciDeviceId: '0x2335', partitions: HOPPER_PARTITIONS, bar0: 16n * MiB, bar2: 256n * GiB },
+};
 /** 64-bit prefetchable memory BAR, as the H100 capture shows. */
 const BAR_FLAGS = 0x14220cn;
 const BAR_FLAGS_NONPREFETCH = 0x40200n;
@@ -84,6 +126,12 @@ const NV_FABRICMANAGER_SCRIPT = path.join(SIM_DIR, 'bin', 'nv-fabricmanager.mjs'
 
 const hostJsonSchema = z.object({
   hostId: z.string().min(1),
+  // Written as the host config spells it ('B200'); a host.json from before boards existed is a B200.
+  board: z
+    .string()
+    .transform((b) => b.toLowerCase())
+    .pipe(z.enum(SIM_BOARDS, { error: `must be one of ${SIM_BOARDS.map((b) => b.toUpperCase()).join(', ')}` }))
+    .default('b200'),
   driverVersion: z.string().regex(/^\d+\.\d+(\.\d+)?$/),
   gpus: z
     .array(
@@ -154,13 +202,13 @@ function resourceFile(bars: { index: number; start: bigint; size: bigint; flags:
   return `${lines.join('\n')}\n`;
 }
 
-/** B200: BAR0 64 MiB registers, BAR2 256 GiB framebuffer, BAR4 32 MiB; each GPU in its own window. */
-function gpuBars(i: number): { index: number; start: bigint; size: bigint; flags: bigint }[] {
+/** BAR2 framebuffer, then BAR4 (32 MiB), then BAR0 registers; each GPU in its own 512 GiB window. */
+function gpuBars(i: number, spec: BoardSpec): { index: number; start: bigint; size: bigint; flags: bigint }[] {
   const base = 0x2000_0000_0000n + BigInt(i) * 0x80_0000_0000n;
   return [
-    { index: 2, start: base, size: 256n * GiB, flags: BAR_FLAGS },
-    { index: 4, start: base + 256n * GiB, size: 32n * MiB, flags: BAR_FLAGS },
-    { index: 0, start: base + 256n * GiB + 64n * MiB, size: 64n * MiB, flags: BAR_FLAGS },
+    { index: 2, start: base, size: spec.bar2, flags: BAR_FLAGS },
+    { index: 4, start: base + spec.bar2, size: 32n * MiB, flags: BAR_FLAGS },
+    { index: 0, start: base + spec.bar2 + 64n * MiB, size: spec.bar0, flags: BAR_FLAGS },
   ];
 }
 
@@ -230,14 +278,26 @@ async function writeWrappers(root: string): Promise<void> {
 export async function createSimHost(opts: SimHostOptions): Promise<SimHostInfo> {
   const root = path.resolve(opts.root);
   const hostFile = path.join(root, 'host.json');
+  const board = opts.board ?? 'b200';
+  if (!(SIM_BOARDS as readonly string[]).includes(board)) {
+    throw new SimHostError('bad-board', `unknown simulated board ${JSON.stringify(board)}: expected one of ${SIM_BOARDS.join(', ')}`);
+  }
   await mkdir(root, { recursive: true });
   if (await exists(hostFile)) {
-    await writeWrappers(root);
     const existing = await loadSimHost(root);
+    // A folder is one board for life: its sysfs, BARs and tables were laid out for that board.
+    if (existing.board !== board) {
+      throw new SimHostError(
+        'board-mismatch',
+        `simulated host ${root} is a ${existing.board.toUpperCase()} host, not the ${board.toUpperCase()} asked for; use another folder (or remove this one)`,
+      );
+    }
+    await writeWrappers(root);
     // Hosts built before doctor's files existed get them; present files (and faults) stay.
     await layOutHostFiles(root, existing);
     return existing;
   }
+  const spec = BOARD_SPECS[board];
   const hostId = opts.hostId ?? DEFAULT_HOST_ID;
   const random = mulberry32(opts.seed ?? DEFAULT_SEED);
   const modules = shuffledModules(random);
@@ -251,11 +311,11 @@ export async function createSimHost(opts: SimHostOptions): Promise<SimHostInfo> 
   const devices: DeviceSpec[] = gpus.map((g, i) => ({
     pciAddress: g.pciAddress,
     vendor: '0x10de',
-    device: '0x2901',
+    device: spec.pciDeviceId,
     class: '0x030200',
     driver: 'nvidia',
     iommuGroup: g.iommuGroup,
-    resource: resourceFile(gpuBars(i)),
+    resource: resourceFile(gpuBars(i, spec)),
   }));
   const shared = gpus.find((g) => g.pciAddress === SHARED_GROUP_GPU)!;
   devices.push({
@@ -267,15 +327,15 @@ export async function createSimHost(opts: SimHostOptions): Promise<SimHostInfo> 
   await writeWrappers(root);
   const host = {
     hostId,
-    board: 'B200',
-    productName: 'NVIDIA B200',
+    board: spec.name,
+    productName: spec.productName,
     pciVendorId: '0x10de',
-    pciDeviceId: '0x2901',
+    pciDeviceId: spec.pciDeviceId,
     driverVersion: '580.95.05',
     fabricManagerVersion: '580.95.05',
     kernelModule: 'open',
     gpus,
-    partitions: B200_PARTITIONS,
+    partitions: spec.partitions,
   };
   await layOutHostFiles(root, { hostId, driverVersion: host.driverVersion });
   // Written last: its presence means the host is complete.
@@ -300,6 +360,7 @@ export async function loadSimHost(root: string): Promise<SimHostInfo> {
   return {
     root: abs,
     hostId: host.hostId,
+    board: host.board,
     fmpmBin: path.join(abs, 'bin', 'fmpm'),
     nvidiaSmiBin: path.join(abs, 'bin', 'nvidia-smi'),
     sysfsRoot: abs,

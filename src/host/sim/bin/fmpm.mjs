@@ -116,10 +116,16 @@ function readState() {
   return state;
 }
 
-/** NVLink5 (Blackwell) runs twice the per-link rate of NVLink4 (Hopper, 53125 MBps). */
+/**
+ * Per-link line rate: 26562 MBps is what `fmpm -l` prints on HGX H100/H200 (NVLink 4, public
+ * captures); NVLink 5 (B200/B300) doubles the per-link rate.
+ */
 function lineRateMBps(board) {
-  return /^(B|GB)\d/i.test(String(board ?? 'B200')) ? 106250 : 53125;
+  return /^(B|GB)\d/i.test(String(board ?? 'B200')) ? 53125 : 26562;
 }
+
+/** Every HGX GPU has 18 NVLinks to the NVSwitches; a 1-GPU partition has no peers, so fmpm lists 0 of them. */
+const NVLINKS_PER_GPU = 18;
 
 // ── lock ─────────────────────────────────────────────────────────────────────
 const LOCK_STALE_MS = 10_000;
@@ -202,8 +208,8 @@ function partitionTable(host, active) {
     isActive: active.includes(p.id) ? 1 : 0,
     numGpus: p.modules.length,
     gpuInfo: p.modules.map((m) => ({
-      maxNumNvLinks: 18,
-      numNvLinksAvailable: 18,
+      maxNumNvLinks: p.modules.length > 1 ? NVLINKS_PER_GPU : 0,
+      numNvLinksAvailable: p.modules.length > 1 ? NVLINKS_PER_GPU : 0,
       nvlinkLineRateMBps: rate,
       pciBusId: '',
       physicalId: m,

@@ -1,6 +1,6 @@
 #!/usr/bin/env node
 /**
- * Simulated `nvidia-smi` for a simulated HGX B200 host: `-q` (text) and `-q -x` (XML), modeled
+ * Simulated `nvidia-smi` for a simulated HGX host (B200, B300, H100, H200): `-q` (text) and `-q -x` (XML), modeled
  * line for line on a real capture (fixtures/host-captures/h100-sxm-nvidia-smi-q.*), with the
  * sections, indentation and key spelling of driver 580.
  *
@@ -83,10 +83,60 @@ if (gpus.length === 0) {
 }
 
 // ── values ───────────────────────────────────────────────────────────────────
+/**
+ * What differs per board. H100: fixtures/host-captures/h100-sxm-nvidia-smi-q.txt. B200: the B200
+ * write-up. H200, B300: product name, FB size, sub-system id and power from public nvidia-smi
+ * output; part numbers follow their sibling's pattern with their own device id (no capture).
+ * `bar1MiB` must equal the sysfs BAR2 size sim-host.ts lays out.
+ */
+const BLACKWELL = {
+  architecture: 'Blackwell',
+  vbios: '97.00.B9.00.4E',
+  boardPartNumber: '692-2G525-0220-000',
+  gpuPartNumber: '2901-886-A1',
+  inforomImage: 'G525.0220.00.03',
+  subSystemId: '1999',
+  pcieDeviceMax: '6',
+  fbTotalMiB: 183359,
+  fbReservedMiB: 1029,
+  bar1MiB: 262144,
+  powerLimit: '1000.00 W',
+  clocks: { graphics: 1965, memory: 3996, video: 1680 },
+};
+const HOPPER = {
+  architecture: 'Hopper',
+  vbios: '96.00.DA.00.0C',
+  boardPartNumber: '695-2G520-0200-000',
+  gpuPartNumber: '2330-885-A1',
+  inforomImage: 'G520.0200.00.05',
+  subSystemId: '16C1',
+  pcieDeviceMax: '5',
+  fbTotalMiB: 81559,
+  fbReservedMiB: 480,
+  bar1MiB: 131072,
+  powerLimit: '700.00 W',
+  clocks: { graphics: 1980, memory: 2619, video: 1545 },
+};
+const BOARD_FACTS = {
+  B200: BLACKWELL,
+  B300: { ...BLACKWELL, gpuPartNumber: '3182-886-A1', fbTotalMiB: 275040, powerLimit: '1100.00 W' },
+  H100: HOPPER,
+  H200: { ...HOPPER, gpuPartNumber: '2335-885-A1', subSystemId: '18BE', fbTotalMiB: 143771, bar1MiB: 262144, clocks: { ...HOPPER.clocks, memory: 3201 } },
+};
+
+const boardName = String(host.board ?? 'B200').toUpperCase();
+const board = BOARD_FACTS[boardName];
+if (!board) {
+  process.stderr.write(`nvidia-smi (gpuvm simulator): host.json names unknown board ${JSON.stringify(host.board)}\n`);
+  process.exit(2);
+}
 const productName = host.productName ?? 'NVIDIA B200';
 const driverVersion = host.driverVersion ?? '580.95.05';
 const cudaVersion = host.cudaVersion ?? '13.0';
 const deviceId = `${String(host.pciDeviceId ?? '0x2901').replace(/^0x/i, '').toUpperCase().padStart(4, '0')}10DE`;
+const mhz = (n) => `${n} MHz`;
+const mib = (n) => `${n} MiB`;
+const fbFreeMiB = board.fbTotalMiB - board.fbReservedMiB;
 const DAYS = ['Sun', 'Mon', 'Tue', 'Wed', 'Thu', 'Fri', 'Sat'];
 const MONTHS = ['Jan', 'Feb', 'Mar', 'Apr', 'May', 'Jun', 'Jul', 'Aug', 'Sep', 'Oct', 'Nov', 'Dec'];
 const now = new Date();
@@ -122,6 +172,7 @@ function gpuFacts(g) {
 // An entry is [key, value], [key, [children]] (a section) or [key, value, [children]].
 function textBlock(f) {
   const na = 'N/A';
+  const c = board.clocks;
   const power = (limit) => [
     ['Average Power Draw', limit ? '182.37 W' : na],
     ['Instantaneous Power Draw', limit ? '183.10 W' : na],
@@ -142,7 +193,7 @@ function textBlock(f) {
   return [
     ['Product Name', productName],
     ['Product Brand', 'NVIDIA'],
-    ['Product Architecture', 'Blackwell'],
+    ['Product Architecture', board.architecture],
     ['Display Mode', 'Requested functionality has been deprecated'],
     ['Display Attached', 'No'],
     ['Display Active', 'Disabled'],
@@ -156,11 +207,11 @@ function textBlock(f) {
     ['GPU UUID', f.uuid],
     ['GPU PDI', '0x0000000000000000'],
     ['Minor Number', f.minor],
-    ['VBIOS Version', '97.00.B9.00.4E'],
+    ['VBIOS Version', board.vbios],
     ['MultiGPU Board', 'No'],
     ['Board ID', `0x${f.bus.toLowerCase()}00`],
-    ['Board Part Number', '692-2G525-0220-000'],
-    ['GPU Part Number', '2901-886-A1'],
+    ['Board Part Number', board.boardPartNumber],
+    ['GPU Part Number', board.gpuPartNumber],
     ['FRU Part Number', na],
     ['Platform Info', [
       ['Chassis Serial Number', na],
@@ -172,7 +223,7 @@ function textBlock(f) {
       ['GPU Fabric GUID', f.guid],
     ]],
     ['Inforom Version', [
-      ['Image Version', 'G525.0220.00.03'],
+      ['Image Version', board.inforomImage],
       ['OEM Object', '2.1'],
       ['ECC Object', '7.16'],
       ['Power Management Object', na],
@@ -196,13 +247,13 @@ function textBlock(f) {
       ['Sub Classcode', '0x2'],
       ['Device Id', `0x${deviceId}`],
       ['Bus Id', f.busId],
-      ['Sub System Id', '0x199910DE'],
+      ['Sub System Id', `0x${board.subSystemId}10DE`],
       ['GPU Link Info', [
         ['PCIe Generation', [
           ['Max', '5'],
           ['Current', '5'],
           ['Device Current', '5'],
-          ['Device Max', '6'],
+          ['Device Max', board.pcieDeviceMax],
           ['Host Max', '5'],
         ]],
         ['Link Width', [['Max', '16x'], ['Current', '16x']]],
@@ -237,8 +288,8 @@ function textBlock(f) {
       ['HW Power Braking', '0 us'],
     ]],
     ['Sparse Operation Mode', 'Disabled'],
-    ['FB Memory Usage', [['Total', '183359 MiB'], ['Reserved', '1029 MiB'], ['Used', '0 MiB'], ['Free', '182330 MiB']]],
-    ['BAR1 Memory Usage', [['Total', '262144 MiB'], ['Used', '1 MiB'], ['Free', '262143 MiB']]],
+    ['FB Memory Usage', [['Total', mib(board.fbTotalMiB)], ['Reserved', mib(board.fbReservedMiB)], ['Used', '0 MiB'], ['Free', mib(fbFreeMiB)]]],
+    ['BAR1 Memory Usage', [['Total', mib(board.bar1MiB)], ['Used', '1 MiB'], ['Free', mib(board.bar1MiB - 1)]]],
     ['Conf Compute Protected Memory Usage', [['Total', '0 MiB'], ['Used', '0 MiB'], ['Free', '0 MiB']]],
     ['Compute Mode', 'Default'],
     ['Utilization', [
@@ -293,18 +344,18 @@ function textBlock(f) {
       ['Memory Current Temp', '35 C'],
       ['Memory Max Operating T.Limit Temp', '0 C'],
     ]],
-    ['GPU Power Readings', power('1000.00 W')],
+    ['GPU Power Readings', power(board.powerLimit)],
     // The trailing space is in the real output.
     ['GPU Memory Power Readings ', [['Average Power Draw', '61.20 W'], ['Instantaneous Power Draw', na]]],
     ['Module Power Readings', power(null)],
     ['Power Smoothing', 'Disabled'],
     ['Workload Power Profiles', [['Requested Profiles', na], ['Enforced Profiles', na]]],
-    ['Clocks', [['Graphics', '1965 MHz'], ['SM', '1965 MHz'], ['Memory', '3996 MHz'], ['Video', '1680 MHz']]],
-    ['Applications Clocks', [['Graphics', '1965 MHz'], ['Memory', '3996 MHz']]],
-    ['Default Applications Clocks', [['Graphics', '1965 MHz'], ['Memory', '3996 MHz']]],
+    ['Clocks', [['Graphics', mhz(c.graphics)], ['SM', mhz(c.graphics)], ['Memory', mhz(c.memory)], ['Video', mhz(c.video)]]],
+    ['Applications Clocks', [['Graphics', mhz(c.graphics)], ['Memory', mhz(c.memory)]]],
+    ['Default Applications Clocks', [['Graphics', mhz(c.graphics)], ['Memory', mhz(c.memory)]]],
     ['Deferred Clocks', [['Memory', na]]],
-    ['Max Clocks', [['Graphics', '1965 MHz'], ['SM', '1965 MHz'], ['Memory', '3996 MHz'], ['Video', '1680 MHz']]],
-    ['Max Customer Boost Clocks', [['Graphics', '1965 MHz']]],
+    ['Max Clocks', [['Graphics', mhz(c.graphics)], ['SM', mhz(c.graphics)], ['Memory', mhz(c.memory)], ['Video', mhz(c.video)]]],
+    ['Max Customer Boost Clocks', [['Graphics', mhz(c.graphics)]]],
     ['Clock Policy', [['Auto Boost', na], ['Auto Boost Default', na]]],
     ['Fabric', [
       ['State', f.fabricState],
@@ -358,6 +409,7 @@ function printText() {
 // An element is [tag, text], [tag, [children]] or [tag, { attrs, children | text | block }].
 function xmlBlock(f) {
   const na = 'N/A';
+  const c = board.clocks;
   const ecc = (extra) => [
     ['sram_correctable', '0'],
     ['sram_uncorrectable_parity', '0'],
@@ -379,7 +431,7 @@ function xmlBlock(f) {
   return [
     ['product_name', productName],
     ['product_brand', 'NVIDIA'],
-    ['product_architecture', 'Blackwell'],
+    ['product_architecture', board.architecture],
     ['display_mode', 'Requested functionality has been deprecated'],
     ['display_attached', 'No'],
     ['display_active', 'Disabled'],
@@ -394,11 +446,11 @@ function xmlBlock(f) {
     ['uuid', f.uuid],
     ['pdi', '0x0000000000000000'],
     ['minor_number', f.minor],
-    ['vbios_version', '97.00.B9.00.4E'],
+    ['vbios_version', board.vbios],
     ['multigpu_board', 'No'],
     ['board_id', `0x${f.bus.toLowerCase()}00`],
-    ['board_part_number', '692-2G525-0220-000'],
-    ['gpu_part_number', '2901-886-A1'],
+    ['board_part_number', board.boardPartNumber],
+    ['gpu_part_number', board.gpuPartNumber],
     ['gpu_fru_part_number', na],
     ['platformInfo', [
       ['chassis_serial_number', na],
@@ -410,7 +462,7 @@ function xmlBlock(f) {
       ['gpu_fabric_guid', f.guid],
     ]],
     ['inforom_version', [
-      ['img_version', 'G525.0220.00.03'],
+      ['img_version', board.inforomImage],
       ['oem_object', '2.1'],
       ['ecc_object', '7.16'],
       ['pwr_object', na],
@@ -434,13 +486,13 @@ function xmlBlock(f) {
       ['pci_sub_class', '2'],
       ['pci_device_id', deviceId],
       ['pci_bus_id', f.busId],
-      ['pci_sub_system_id', '199910DE'],
+      ['pci_sub_system_id', `${board.subSystemId}10DE`],
       ['pci_gpu_link_info', [
         ['pcie_gen', [
           ['max_link_gen', '5'],
           ['current_link_gen', '5'],
           ['device_current_link_gen', '5'],
-          ['max_device_link_gen', '6'],
+          ['max_device_link_gen', board.pcieDeviceMax],
           ['max_host_link_gen', '5'],
         ]],
         ['link_widths', [['max_link_width', '16x'], ['current_link_width', '16x']]],
@@ -474,8 +526,8 @@ function xmlBlock(f) {
       ['clocks_event_reasons_counters_hw_power_brake', '0 us'],
     ]],
     ['sparse_operation_mode', 'Disabled'],
-    ['fb_memory_usage', [['total', '183359 MiB'], ['reserved', '1029 MiB'], ['used', '0 MiB'], ['free', '182330 MiB']]],
-    ['bar1_memory_usage', [['total', '262144 MiB'], ['used', '1 MiB'], ['free', '262143 MiB']]],
+    ['fb_memory_usage', [['total', mib(board.fbTotalMiB)], ['reserved', mib(board.fbReservedMiB)], ['used', '0 MiB'], ['free', mib(fbFreeMiB)]]],
+    ['bar1_memory_usage', [['total', mib(board.bar1MiB)], ['used', '1 MiB'], ['free', mib(board.bar1MiB - 1)]]],
     ['cc_protected_memory_usage', [['total', '0 MiB'], ['used', '0 MiB'], ['free', '0 MiB']]],
     ['compute_mode', 'Default'],
     ['utilization', [
@@ -536,17 +588,17 @@ function xmlBlock(f) {
       ['gpu_temp_max_mem_tlimit_threshold', '0 C'],
     ]],
     ['supported_gpu_target_temp', [['gpu_target_temp_min', na], ['gpu_target_temp_max', na]]],
-    ['gpu_power_readings', power('1000.00 W')],
+    ['gpu_power_readings', power(board.powerLimit)],
     ['gpu_memory_power_readings', [['average_power_draw', '61.20 W'], ['instant_power_draw', na]]],
     ['module_power_readings', power(null)],
     ['power_smoothing', 'Disabled'],
     ['power_profiles', [['power_profile_requested_profiles', na], ['power_profile_enforced_profiles', na]]],
-    ['clocks', [['graphics_clock', '1965 MHz'], ['sm_clock', '1965 MHz'], ['mem_clock', '3996 MHz'], ['video_clock', '1680 MHz']]],
-    ['applications_clocks', [['graphics_clock', '1965 MHz'], ['mem_clock', '3996 MHz']]],
-    ['default_applications_clocks', [['graphics_clock', '1965 MHz'], ['mem_clock', '3996 MHz']]],
+    ['clocks', [['graphics_clock', mhz(c.graphics)], ['sm_clock', mhz(c.graphics)], ['mem_clock', mhz(c.memory)], ['video_clock', mhz(c.video)]]],
+    ['applications_clocks', [['graphics_clock', mhz(c.graphics)], ['mem_clock', mhz(c.memory)]]],
+    ['default_applications_clocks', [['graphics_clock', mhz(c.graphics)], ['mem_clock', mhz(c.memory)]]],
     ['deferred_clocks', [['mem_clock', na]]],
-    ['max_clocks', [['graphics_clock', '1965 MHz'], ['sm_clock', '1965 MHz'], ['mem_clock', '3996 MHz'], ['video_clock', '1680 MHz']]],
-    ['max_customer_boost_clocks', [['graphics_clock', '1965 MHz']]],
+    ['max_clocks', [['graphics_clock', mhz(c.graphics)], ['sm_clock', mhz(c.graphics)], ['mem_clock', mhz(c.memory)], ['video_clock', mhz(c.video)]]],
+    ['max_customer_boost_clocks', [['graphics_clock', mhz(c.graphics)]]],
     ['clock_policy', [['auto_boost', na], ['auto_boost_default', na]]],
     ['fabric', [
       ['state', f.fabricState],
@@ -564,7 +616,7 @@ function xmlBlock(f) {
       ]],
     ]],
     ['supported_clocks', [
-      ['supported_mem_clock', [['value', '3996 MHz'], ...graphicsClocks()]],
+      ['supported_mem_clock', [['value', mhz(c.memory)], ...graphicsClocks()]],
       ['supported_mem_clock', [['value', '1593 MHz'], ...graphicsClocks()]],
     ]],
     ['processes', []],
@@ -576,7 +628,7 @@ function xmlBlock(f) {
 /** The real list runs in 15 MHz steps from the boost clock down to 345 MHz. */
 function graphicsClocks() {
   const out = [];
-  for (let mhz = 1965; mhz >= 345; mhz -= 15) out.push(['supported_graphics_clock', `${mhz} MHz`]);
+  for (let n = board.clocks.graphics; n >= 345; n -= 15) out.push(['supported_graphics_clock', mhz(n)]);
   return out;
 }
 
