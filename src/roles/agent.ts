@@ -117,7 +117,11 @@ export async function startAgentRole(db: Db, config: Config, opts: AgentRoleOpti
     reconciler.start();
 
     const presence = new Presence(db, agent, reconciler, policy, log);
-    started.push(() => presence.stop());
+    // The reconciler first: a presence check waiting for a judgement ends when it stops.
+    started.push(async () => {
+      await reconciler.stop();
+      await presence.stop();
+    });
     const ready = presence.start(config.agentHeartbeatMs);
     // Stopped before it was ready: whoever awaits `ready` hears it; nobody else must.
     ready.catch(() => {});
@@ -137,8 +141,9 @@ export async function startAgentRole(db: Db, config: Config, opts: AgentRoleOpti
       async stop() {
         if (stopped) return;
         stopped = true;
-        await presence.stop();
+        // The reconciler first: a presence check waiting for a judgement ends when it stops.
         await reconciler.stop();
+        await presence.stop();
         await monitor.stop();
         await health.stop();
         await fabricManager.stop();
