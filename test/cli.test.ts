@@ -33,8 +33,8 @@ describe(`gpuvm CLI (${usingPostgres ? 'postgres' : 'pglite'})`, () => {
   });
   afterAll(async () => {
     await child?.kill('SIGTERM');
-    const qemu = new Qemu({ bin: 'qemu-system-x86_64', runRoot: join(dataDir, 'run'), accel: 'tcg' });
-    for (const id of (() => { try { return readdirSync(join(dataDir, 'run')); } catch { return []; } })()) await qemu.terminate(id).catch(() => {});
+    const qemu = new Qemu({ bin: 'qemu-system-x86_64', runRoot: join(dataDir, 'run', 'sim-b200'), accel: 'tcg' });
+    for (const id of (() => { try { return readdirSync(join(dataDir, 'run', 'sim-b200')); } catch { return []; } })()) await qemu.terminate(id).catch(() => {});
     await stopSimKernel(join(dataDir, 'sim', 'sim-b200')).catch(() => {});
     await dropDb();
     rmSync(dataDir, { recursive: true, force: true });
@@ -48,8 +48,9 @@ describe(`gpuvm CLI (${usingPostgres ? 'postgres' : 'pglite'})`, () => {
     expect(created.stderr).toContain(`${id}: running`);
 
     const ls = await gpuvm('vm', 'ls');
-    expect(ls.stdout.split('\n')[0]).toMatch(/^ID\s+NAME\s+STATE\s+GPUS\s+PARTITION\s+MODULES\s+CREATED$/);
-    expect(ls.stdout).toMatch(new RegExp(`${id}\\s+cli-vm\\s+running\\s+2\\s+\\d+`));
+    expect(ls.stdout.split('\n')[0]).toMatch(/^ID\s+NAME\s+STATE\s+HOST\s+GPUS\s+PARTITION\s+MODULES\s+CREATED$/);
+    expect(ls.stdout).toMatch(new RegExp(`${id}\\s+cli-vm\\s+running\\s+sim-b200\\s+2\\s+\\d+`));
+    expect(created.stdout).toMatch(new RegExp(`^${id} running on sim-b200 \\(partition \\d+, modules \\d+,\\d+\\)`));
     const lsJson = JSON.parse((await gpuvm('vm', 'ls', '--json')).stdout);
     expect(lsJson).toHaveLength(1);
     expect(lsJson[0]).toMatchObject({ id, name: 'cli-vm', state: 'running', gpu_count: 2 });
@@ -77,7 +78,7 @@ describe(`gpuvm CLI (${usingPostgres ? 'postgres' : 'pglite'})`, () => {
       const db = await freshDatabaseUrl();
       const args = [BIN, 'migrate', '--data-dir', dir, ...(db.url ? ['--database-url', db.url] : [])];
       const first = await promisify(execFile)(process.execPath, args);
-      expect(first.stdout.trim()).toBe('applied: 0001_initial, 0002_quarantine, 0003_drift_repair, 0004_timer_cancelled, 0005_fencing');
+      expect(first.stdout.trim()).toBe('applied: 0001_initial, 0002_quarantine, 0003_drift_repair, 0004_timer_cancelled, 0005_fencing, 0006_fleet');
       const second = await promisify(execFile)(process.execPath, args);
       expect(second.stdout.trim()).toBe('database is up to date');
       await db.drop();
@@ -103,11 +104,33 @@ describe(`gpuvm CLI (${usingPostgres ? 'postgres' : 'pglite'})`, () => {
     }
   }, 60_000);
 
+  it('host ls, capacity, cordon, drain --wait and uncordon, as an operator types them', async () => {
+    const ls = await gpuvm('host', 'ls');
+    expect(ls.stdout.split('\n')[0]).toMatch(/^HOST\s+STATE\s+BOARD\s+FREE \(GPUS:VMS\)\s+VMS\s+HEARTBEAT\s+NOTE$/);
+    expect(ls.stdout).toMatch(/sim-b200\s+ready\s+NVIDIA B200 \(sim\)\s+1:8 2:4 4:2 8:1\s+0\s+\d+s ago/);
+    const capacity = await gpuvm('capacity');
+    expect(capacity.stdout).toMatch(/sim-b200\s+NVIDIA B200\s+yes\s+8\s+4\s+2\s+1\s+0/);
+    expect(capacity.stdout).toMatch(/fleet\s+8\s+4\s+2\s+1\s+0/);
+
+    expect((await gpuvm('host', 'cordon', 'sim-b200', '--reason', 'bios update')).stdout).toBe('sim-b200 cordoned: no new VMs are placed on it\n');
+    expect((await gpuvm('host', 'ls')).stdout).toMatch(/sim-b200\s+cordoned\s+.*cordoned by api:cli:\S+: bios update/);
+    const refused = await gpuvm('vm', 'create', '--gpus', '1');
+    expect([refused.code, refused.stderr]).toEqual([1, expect.stringMatching(/^gpuvm: no capacity: no free partition of 1 GPU in the fleet \(0 hosts taking VMs; cordoned: sim-b200\)\n$/)]);
+    expect((await gpuvm('capacity')).stdout).toMatch(/held back \(not taking VMs\): sim-b200 \(cordoned\) 1:8 2:4 4:2 8:1/);
+
+    const drain = await gpuvm('host', 'drain', 'sim-b200', '--wait', '--timeout', '60');
+    expect(drain.code, drain.stderr).toBe(0);
+    expect(drain.stdout).toMatch(/^sim-b200 draining: no new VMs; waiting for its VMs to end .*\nsim-b200 maintenance\n$/);
+    expect((await gpuvm('host', 'uncordon', 'sim-b200')).stdout).toBe('sim-b200 ready\n');
+    const rm = await gpuvm('host', 'rm', 'sim-b200x');
+    expect([rm.code, rm.stderr]).toEqual([1, 'gpuvm: no host sim-b200x\n']);
+  }, 120_000);
+
   it('sim-down stops the VMs and the simulated kernel left running after the service stops', async () => {
     const created = await gpuvm('vm', 'create', '--gpus', '1', '--wait');
     const id = /^(vm-[a-z0-9]{10}) running/.exec(created.stdout)![1]!;
     await child.kill('SIGTERM');
-    const qemu = new Qemu({ bin: 'qemu-system-x86_64', runRoot: join(dataDir, 'run'), accel: 'tcg' });
+    const qemu = new Qemu({ bin: 'qemu-system-x86_64', runRoot: join(dataDir, 'run', 'sim-b200'), accel: 'tcg' });
     expect((await qemu.status(id)).state).toBe('alive');
     const down = await promisify(execFile)(process.execPath, [BIN, 'sim-down', '--data-dir', dataDir]);
     expect(down.stdout).toContain(`${id}: QEMU stopped`);

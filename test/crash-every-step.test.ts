@@ -23,8 +23,8 @@ afterAll(async () => {
   await child?.kill();
   for (const dir of dirs) {
     if (process.env.GPUVM_KEEP_TEST_DIRS) continue;
-    const qemu = new Qemu({ bin: 'qemu-system-x86_64', runRoot: join(dir, 'run'), accel: 'tcg' });
-    for (const id of (() => { try { return readdirSync(join(dir, 'run')); } catch { return []; } })()) await qemu.terminate(id).catch(() => {});
+    const qemu = new Qemu({ bin: 'qemu-system-x86_64', runRoot: join(dir, 'run', 'sim-b200'), accel: 'tcg' });
+    for (const id of (() => { try { return readdirSync(join(dir, 'run', 'sim-b200')); } catch { return []; } })()) await qemu.terminate(id).catch(() => {});
     await stopSimKernel(join(dir, 'sim', 'sim-b200')).catch(() => {});
     rmSync(dir, { recursive: true, force: true });
   }
@@ -156,7 +156,7 @@ describe.runIf(usingPostgres)('crash at every step (postgres)', () => {
       'provisioning', 'starting', 'running', 'stopping', 'terminating', 'releasing', 'deleted',
     ]);
     expect(history.effects.every((e: { status: string }) => e.status === 'done')).toBe(true);
-    const qemu = new Qemu({ bin: 'qemu-system-x86_64', runRoot: join(walk.dataDir, 'run'), accel: 'tcg' });
+    const qemu = new Qemu({ bin: 'qemu-system-x86_64', runRoot: join(walk.dataDir, 'run', 'sim-b200'), accel: 'tcg' });
     expect((await qemu.status(vm.id)).state).toBe('gone');
 
     // Every point of the lifecycle was reached: both sides of every effect and every event commit.

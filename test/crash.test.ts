@@ -21,9 +21,9 @@ let dropDb = async () => {};
 
 afterAll(async () => {
   await child?.kill();
-  const qemu = new Qemu({ bin: 'qemu-system-x86_64', runRoot: join(dataDir, 'run'), accel: 'tcg' });
+  const qemu = new Qemu({ bin: 'qemu-system-x86_64', runRoot: join(dataDir, 'run', 'sim-b200'), accel: 'tcg' });
   const { readdirSync } = await import('node:fs');
-  for (const id of (() => { try { return readdirSync(join(dataDir, 'run')); } catch { return []; } })()) await qemu.terminate(id).catch(() => {});
+  for (const id of (() => { try { return readdirSync(join(dataDir, 'run', 'sim-b200')); } catch { return []; } })()) await qemu.terminate(id).catch(() => {});
   await stopSimKernel(simRoot).catch(() => {});
   await dropDb();
   rmSync(dataDir, { recursive: true, force: true });
@@ -81,7 +81,7 @@ describe(`crash resume with SIGKILL (${usingPostgres ? 'postgres' : 'pglite'})`,
       const expected = bRow.gpus.some((x: { pciAddress: string }) => x.pciAddress === g.pciAddress) ? 'vfio-pci' : 'nvidia';
       expect(await sysfs.driverOf(g.pciAddress), g.pciAddress).toBe(expected);
     }
-    const qemu = new Qemu({ bin: 'qemu-system-x86_64', runRoot: join(dataDir, 'run'), accel: 'tcg' });
+    const qemu = new Qemu({ bin: 'qemu-system-x86_64', runRoot: join(dataDir, 'run', 'sim-b200'), accel: 'tcg' });
     expect((await qemu.status(a.id)).state).toBe('gone');
     expect((await qemu.status(b.id)).state).toBe('alive');
 

@@ -5,7 +5,7 @@
  * Errors print one line and exit 1; read commands take --json.
  */
 import { Command, CommanderError } from 'commander';
-import { loadConfig, type Config } from '../config.ts';
+import { HOST_ID_PATTERN, loadConfig, type Config } from '../config.ts';
 import { migrate, openDb } from '../store/db.ts';
 import { lockDataDir } from '../store/data-dir.ts';
 import type { VmRow } from '../store/projections.ts';
@@ -242,32 +242,39 @@ function program(): Command {
 
   cli
     .command('sim-down')
-    .description('stop what the simulated host keeps running after the service stops: its VMs (QEMU) and its kernel process')
+    .description('stop what the simulated hosts keep running after the service stops: their VMs (QEMU) and their kernel processes')
     .option('--data-dir <dir>')
-    .option('--host-id <id>')
+    .option('--host-id <id>', 'only this simulated host (default: every one in the data folder)')
     .action(async (o) => {
       const config = loadConfig({ dataDir: o.dataDir, hostId: o.hostId });
       const { Qemu } = await import('../host/qemu.ts');
       const { stopSimKernel } = await import('../host/sim/sim-host.ts');
-      const runRoot = join(config.dataDir, 'run');
-      const qemu = new Qemu({ bin: 'qemu-system-x86_64', runRoot, accel: 'tcg' });
-      let vmIds: string[] = [];
-      try {
-        vmIds = readdirSync(runRoot);
-      } catch {}
-      for (const id of vmIds) {
-        let how: string;
+      const list = (dir: string) => {
         try {
-          how = await qemu.terminate(id);
-        } catch (err) {
-          // e.g. its pidfile or /proc could not be read: left alone, said, and the others still stopped.
-          print(`${id}: QEMU not stopped: ${(err as Error).message}`);
-          continue;
+          return readdirSync(dir);
+        } catch {
+          return [];
         }
-        if (how !== 'not-running') print(`${id}: QEMU stopped (${how})`);
+      };
+      const hostIds = o.hostId ? [config.hostId] : list(join(config.dataDir, 'sim')).filter((id) => HOST_ID_PATTERN.test(id));
+      if (hostIds.length === 0) return print(`no simulated host in ${config.dataDir}`);
+      for (const hostId of hostIds) {
+        const runRoot = join(config.dataDir, 'run', hostId);
+        const qemu = new Qemu({ bin: 'qemu-system-x86_64', runRoot, accel: 'tcg' });
+        for (const id of list(runRoot)) {
+          let how: string;
+          try {
+            how = await qemu.terminate(id);
+          } catch (err) {
+            // e.g. its pidfile or /proc could not be read: left alone, said, and the others still stopped.
+            print(`${id}: QEMU not stopped: ${(err as Error).message}`);
+            continue;
+          }
+          if (how !== 'not-running') print(`${id}: QEMU stopped (${how})`);
+        }
+        await stopSimKernel(join(config.dataDir, 'sim', hostId));
+        print(`simulated host ${hostId} is down`);
       }
-      await stopSimKernel(join(config.dataDir, 'sim', config.hostId));
-      print(`simulated host ${config.hostId} is down`);
     });
 
   registerDoctor(cli);

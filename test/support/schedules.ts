@@ -335,7 +335,7 @@ export class ScheduleHost {
     readonly dataDir: string,
     private readonly db: { url: string | undefined; drop: () => Promise<void> },
   ) {
-    this.qemu = new Qemu({ bin: QEMU_STANDIN, runRoot: join(dataDir, 'run'), accel: 'tcg' });
+    this.qemu = new Qemu({ bin: QEMU_STANDIN, runRoot: join(dataDir, 'run', 'sim-b200'), accel: 'tcg' });
     this.simRoot = join(dataDir, 'sim', 'sim-b200');
   }
 
@@ -436,7 +436,7 @@ export class ScheduleHost {
     this.service = null;
     let vmIds: string[] = [];
     try {
-      vmIds = readdirSync(join(this.dataDir, 'run'));
+      vmIds = readdirSync(join(this.dataDir, 'run', 'sim-b200'));
     } catch {}
     for (const id of vmIds) await this.qemu.terminate(id, { quitTimeoutMs: 500, termTimeoutMs: 1000 }).catch(() => {});
     await stopSimKernel(this.simRoot).catch(() => {});
