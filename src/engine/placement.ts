@@ -34,6 +34,12 @@
  * empty hosts and whole 8-GPU islands stay whole; then the lowest host id, then the lowest
  * partition id. Deterministic for a given input.
  *
+ * On the two default tables a candidate's losses are nested (a single that breaks a quad also
+ * breaks its pair, one that breaks the whole host also breaks its quad), so for any mix that
+ * weighs every size the ranking is "break the smallest block you can", and the mix sets the score's
+ * value, not the order. It changes the order when a size is absent from the mix, and on tables
+ * that are not nested.
+ *
  * Cost: per host one pass over its table, and per candidate one pass to recount capacities with
  * bit masks (module m is bit m − 1): about 0.1 ms for 64 hosts × 15 partitions.
  */
