@@ -2,11 +2,12 @@
  * Figure 7: fragmentation. A trace-driven simulation of a fleet of HGX hosts in Shared NVSwitch
  * Multitenancy — half with the B200 partition table, half with the H100 one — fed the same trace of
  * VM requests under each placement policy: gpuvm's `place()` (src/engine/placement.ts) against
- * first-fit (what the brief calls Ubicloud's policy), best-fit, random, and an oracle that may
- * repack every running VM. The simulation does no I/O: hosts are HostView objects whose partition
- * states and unavailable modules change as VMs come and go, as the placement query would report them.
+ * Ubicloud's allocator, first-fit (the lowest partition id on the first host that fits), best-fit,
+ * random, and an oracle that may repack every running VM (BENCHMARKS.md, figure 7, says why each).
+ * No I/O: hosts are HostView objects whose partition states and unavailable modules change as VMs
+ * come and go, as the placement query would report them.
  *
- *   node --import tsx bench/fragmentation.ts   # --seed=N --hosts=300 --days=70 --warmup-days=14 --load=1.0
+ *   node --import tsx bench/fragmentation.ts   # --seed=N --seeds=1 --hosts=300 --days=70 --warmup-days=14 --load=1.0
  *                                              # --mix=40,30,20,10 --median-hours=8 --sigma=1.5 --window=1000
  */
 import { performance } from 'node:perf_hooks';
@@ -125,8 +126,8 @@ const firstFit: Policy = {
  * fits gets `score = target − u` (u = mean utilization after placement over CPU, memory, storage
  * and GPUs; `1 + (u − target)` once over target) + the spread of those utilizations + a random
  * 0–0.1, the lowest score wins, and on the host the lowest free partition id
- * (`GpuPartition.order(:partition_id)`). Here CPU, memory and storage grow with the GPUs (GPU
- * families size them per GPU), and its GPU term counts one GPU, as the code does (`(used + 1) /
+ * (`GpuPartition.order(:partition_id)`). Here CPU, memory and storage are taken to grow with
+ * the GPUs (an assumption: a VM's share of the host's GPUs), and its GPU term counts one GPU, as the code does (`(used + 1) /
  * total`). Target 0.72, random 0.1: the production config.
  */
 function ubicloudAllocator(seed: number): Policy {
