@@ -340,7 +340,7 @@ function simulate(policy: Policy | null, requests: Request[], o: { hosts: number
 }
 
 /** place() on a fleet snapshot of `n` hosts: mean and p99 µs per call over every size. */
-function timePlace(hosts: SimHost[], n: number, calls: number, demand: Demand): { mean: number; p99: number } {
+function timePlace(hosts: SimHost[], n: number, calls: number, demand: Demand): { hosts: number; mean: number; p99: number } {
   const views = hosts.slice(0, n).map((s) => s.view);
   const us: number[] = [];
   for (let i = 0; i < calls; i++) {
@@ -349,7 +349,7 @@ function timePlace(hosts: SimHost[], n: number, calls: number, demand: Demand): 
     us.push((performance.now() - t0) * 1000);
   }
   us.sort((a, b) => a - b);
-  return { mean: us.reduce((a, b) => a + b, 0) / us.length, p99: us[Math.floor(us.length * 0.99)]! };
+  return { hosts: views.length, mean: us.reduce((a, b) => a + b, 0) / us.length, p99: us[Math.floor(us.length * 0.99)]! };
 }
 
 /** Sums runs of one policy over several seeds (means for the sampled columns). */
@@ -423,7 +423,7 @@ async function main(): Promise<void> {
   // Speed: the calls made in the simulation, then a 64-host snapshot of the last gpuvm run's end state.
   const t64 = timePlace(gpuvmHosts, 64, 4000, { 1: 4, 2: 3, 4: 2, 8: 1 });
   console.log(
-    `\nplace(): ${fmt((1000 * timing.ms) / timing.calls, 0)} µs per call over ${base.hosts} hosts (${timing.calls} calls in the simulation); 64 hosts × 15 partitions: mean ${fmt(t64.mean, 0)} µs, p99 ${fmt(t64.p99, 0)} µs`,
+    `\nplace(): ${fmt((1000 * timing.ms) / timing.calls, 0)} µs per call over ${base.hosts} hosts (${timing.calls} calls in the simulation); ${t64.hosts} hosts × 15 partitions: mean ${fmt(t64.mean, 0)} µs, p99 ${fmt(t64.p99, 0)} µs`,
   );
   console.log(`run time ${fmt((performance.now() - started) / 1000, 1)} s`);
 }
