@@ -242,24 +242,3 @@ export function choosePartition(all: PartitionCandidate[], unavailableModules: S
   const d = place([{ hostId: '', board: '', partitions: all, unavailable: unavailableModules }], size as GpuCount, {});
   return d ? (all.find((p) => p.partitionId === d.chosen.partitionId) ?? null) : null;
 }
-
-// ── interim fleet API (replaced by the anti-fragmentation policy) ──
-export type GpuCount = 1 | 2 | 4 | 8;
-export interface HostView { hostId: string; board: string; partitions: PartitionCandidate[]; unavailable: Set<number> }
-export type Demand = Partial<Record<GpuCount, number>>;
-export interface Placement { hostId: string; partitionId: number; modules: number[]; score: number }
-export interface PlacementDecision { policy: string; chosen: Placement; runnerUp: Placement | null }
-export function place(hosts: HostView[], size: GpuCount, _demand: Demand): PlacementDecision | null {
-  const all: Placement[] = [];
-  for (const h of hosts) {
-    const p = choosePartition(h.partitions, h.unavailable, size);
-    if (p) all.push({ hostId: h.hostId, partitionId: p.partitionId, modules: p.modules, score: 8 - h.unavailable.size });
-  }
-  all.sort((a, b) => a.score - b.score || a.hostId.localeCompare(b.hostId));
-  return all[0] ? { policy: 'interim', chosen: all[0], runnerUp: all[1] ?? null } : null;
-}
-export function capacityOf(host: HostView): Record<GpuCount, number> {
-  const out = { 1: 0, 2: 0, 4: 0, 8: 0 } as Record<GpuCount, number>;
-  for (const p of host.partitions) if (p.state === 'free' && p.modules.every((m) => !host.unavailable.has(m))) out[p.modules.length as GpuCount]++;
-  return out;
-}
