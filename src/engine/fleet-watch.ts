@@ -40,12 +40,14 @@ export class FleetWatch {
     const { rows: silent } = await sql<{ id: string; heartbeat_at: Date | null }>`
       select h.id, a.heartbeat_at from hosts h left join agents a on a.host_id = h.id
       where h.state <> 'removed' and h.silent_since is null
-        and (a.heartbeat_at is null or a.heartbeat_at < now() - make_interval(secs => ${this.opts.silentMs / 1000}))`.execute(this.db);
+        and (a.heartbeat_at is null or a.heartbeat_at < now() - make_interval(secs => ${this.opts.silentMs / 1000}))
+      order by h.id`.execute(this.db);
     const { rows: drained } = await sql<{ id: string }>`
       select h.id from hosts h
       where h.state = 'draining'
         and not exists (select 1 from vms v where v.host_id = h.id and v.state not in ('deleted', 'failed', 'crashed'))
-        and not exists (select 1 from gpu_claims c where c.host_id = h.id)`.execute(this.db);
+        and not exists (select 1 from gpu_claims c where c.host_id = h.id)
+      order by h.id`.execute(this.db);
     const recorded = { silent: [] as string[], drained: [] as string[] };
     const meta = (id: string) => ({ actor: 'gpuvm:fleet-watch', correlationId: hostStream(id), causationId: null });
     for (const h of silent) {
