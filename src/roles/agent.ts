@@ -179,8 +179,14 @@ class Presence {
 
   /** Resolves once the first epoch has judged the host; then checks every `intervalMs`. */
   async start(intervalMs: number): Promise<void> {
-    await this.check();
-    if (this.stopped) throw new Error('the agent stopped before its first reconciliation');
+    while (this.judgedEpoch === null) {
+      if (this.stopped) throw new Error('the agent stopped before its first reconciliation');
+      await this.check().catch(async (err) => {
+        if (this.stopped) return;
+        this.log.warn({ hostId: this.agent.hostId, err: String(err) }, 'could not declare the host judged yet; trying again');
+        await new Promise((r) => setTimeout(r, 1000));
+      });
+    }
     this.periodic = new Periodic(`presence of host ${this.agent.hostId}`, intervalMs, () => this.check(), this.log);
     this.periodic.start();
   }
@@ -197,7 +203,9 @@ class Presence {
     const snapshot = await loadSnapshot(this.db.kysely, hostStream(hostId));
     const silent = !!(snapshot?.context as unknown as HostContext | undefined)?.silentSince;
     if (this.judgedEpoch === epoch && !silent && snapshot?.state !== 'registered') return;
-    await this.reconciler.judge();
+    // The first judgement may be the start's own pass; after that, a renewed epoch or a silence needs a new one.
+    if (this.judgedEpoch === null) await this.reconciler.firstJudgement();
+    else await this.reconciler.judge();
     if (this.stopped || this.agent.epoch !== epoch) return;
     if (!(await declareJudged(this.db, this.agent, epoch, this.policy, this.log))) return;
     this.judgedEpoch = epoch;
