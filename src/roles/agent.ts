@@ -181,11 +181,11 @@ class Presence {
   async start(intervalMs: number): Promise<void> {
     while (this.judgedEpoch === null) {
       if (this.stopped) throw new Error('the agent stopped before its first reconciliation');
-      await this.check().catch(async (err) => {
-        if (this.stopped) return;
-        this.log.warn({ hostId: this.agent.hostId, err: String(err) }, 'could not declare the host judged yet; trying again');
-        await new Promise((r) => setTimeout(r, 1000));
+      await this.check().catch((err) => {
+        if (!this.stopped) this.log.warn({ hostId: this.agent.hostId, err: String(err) }, 'could not declare the host judged yet; trying again');
       });
+      // Not yet (the check failed, or the epoch changed under it): try again in a moment.
+      if (this.judgedEpoch === null) await new Promise((r) => setTimeout(r, 1000));
     }
     this.periodic = new Periodic(`presence of host ${this.agent.hostId}`, intervalMs, () => this.check(), this.log);
     this.periodic.start();
