@@ -11,6 +11,7 @@
  *                                              # --mix=40,30,20,10 --median-hours=8 --sigma=1.5 --window=1000
  */
 import { performance } from 'node:perf_hooks';
+import { SHORTLIST } from '../src/engine/fleet.ts';
 import { capacityOf, place, type Demand, type GpuCount, type HostView, type PartitionCandidate } from '../src/engine/placement.ts';
 import { fmt, option, printTable, runMain } from './lib.ts';
 
@@ -191,7 +192,10 @@ function randomPolicy(seed: number): Policy {
   };
 }
 
-/** gpuvm: place() over the whole fleet, with the mix of the recent requests. */
+/**
+ * gpuvm: as the service places (src/engine/fleet.ts readCandidates, then place()): the SHORTLIST
+ * most-used hosts that have a fitting partition, then place() over them with the recent mix.
+ */
 function gpuvmPolicy(timing: { calls: number; ms: number }): Policy {
   const index = new Map<string, number>();
   return {
@@ -199,8 +203,10 @@ function gpuvmPolicy(timing: { calls: number; ms: number }): Policy {
     choose(hosts, n, demand) {
       if (index.size === 0) hosts.forEach((s, i) => index.set(s.view.hostId, i));
       const t0 = performance.now();
+      const fitting = hosts.filter((s) => s.free >= n && s.view.partitions.some((p) => fits(s.view, p, n)));
+      fitting.sort((a, b) => b.view.unavailable.size - a.view.unavailable.size || (a.view.hostId < b.view.hostId ? -1 : a.view.hostId > b.view.hostId ? 1 : 0));
       const d = place(
-        hosts.map((s) => s.view),
+        fitting.slice(0, SHORTLIST).map((s) => s.view),
         n,
         demand,
       );
