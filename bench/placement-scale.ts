@@ -44,7 +44,7 @@ function captureCandidateReads(): void {
   (pg.Client.prototype as unknown as { query: (...args: unknown[]) => unknown }).query = function (this: object, ...args: unknown[]) {
     const first = args[0] as string | { text?: string; values?: unknown[] } | undefined;
     const text = typeof first === 'string' ? first : first?.text;
-    if (typeof text === 'string' && text.includes('with placeable as')) {
+    if (typeof text === 'string' && text.includes('shortlist as (')) {
       const values = (typeof first === 'string' ? args[1] : first?.values) as unknown[];
       lastCandidateRead = { text, values: [...values] };
     }
@@ -63,6 +63,8 @@ interface SizeResult {
   candidatesReturned: number;
   statements: { statement: string; n: number; ms: number }[];
   explain: string | null;
+  /** On one pool connection (whichever answered): readCandidates executions on a generic and on a custom plan. */
+  plans: { generic: number; custom: number };
 }
 
 /** Waits until no effect is pending or running (polls every 2 ms; the bench's own statement). */
@@ -126,16 +128,16 @@ async function measureSize(hostCount: number, opts: { creates: number; warmup: n
       if (i >= opts.warmup) {
         latencies.push(ms);
         for (const s of diff) {
-          // The host's worker claims the effect the NOTIFY announced: not the create's.
-          if (s.statement.includes('with due as')) continue;
+          // The host's worker claiming what the NOTIFY announced, or closing an effect: not the create's.
+          if (s.statement.includes('with due as') || s.statement.includes('with closed as')) continue;
           const a = allStatements.get(s.statement) ?? { n: 0, ms: 0 };
           a.n += s.n;
           a.ms += s.ms;
           allStatements.set(s.statement, a);
           total.roundTrips += s.n;
           const text = s.statement.replace(PREPARED.trim(), '').trim();
-          if (text.startsWith('with placeable as')) total.candidates += s.ms;
-          else if (text.startsWith('select') && /from "?streams"?/.test(text)) total.snapshot += s.ms;
+          if (text.includes('shortlist as (')) total.candidates += s.ms;
+          else if (text.startsWith('select stream_id, machine_version')) total.snapshot += s.ms;
           else if (/insert|with/i.test(s.statement)) total.commit += s.ms;
           else total.otherDb += s.ms;
         }
@@ -152,6 +154,9 @@ async function measureSize(hostCount: number, opts: { creates: number; warmup: n
     const p0 = performance.now();
     for (let r = 0; r < reps; r++) place(candidates.hosts, 1, { 1: 1 });
     const placeUs = ((performance.now() - p0) * 1000) / reps;
+
+    // Whether the pool's connections run readCandidates on a generic plan or plan it every time.
+    const plans = (await sql<{ generic: number; custom: number }>`${sql.raw(BENCH_MARK)} select coalesce(sum(generic_plans), 0)::int as generic, coalesce(sum(custom_plans), 0)::int as custom from pg_prepared_statements where statement like '%shortlist as (%'`.execute(db.kysely)).rows[0]!;
 
     let explain: string | null = null;
     if (opts.explain && lastCandidateRead) {
@@ -187,6 +192,7 @@ async function measureSize(hostCount: number, opts: { creates: number; warmup: n
       candidatesReturned: candidates.hosts.length,
       statements: [...allStatements].map(([statement, v]) => ({ statement, n: v.n / n, ms: v.ms / n })).sort((a, b) => b.ms - a.ms),
       explain,
+      plans,
     };
   } finally {
     await fleet?.stop().catch((err) => console.error(err));
@@ -236,6 +242,7 @@ async function main(): Promise<void> {
     'place() alone µs': fmt(r.placeUs, 1),
     'shortlist': r.candidatesReturned,
     'round trips': fmt(r.split.roundTrips, 2),
+    'plans generic/custom (1 conn)': `${r.plans.generic}/${r.plans.custom}`,
   })));
   for (const r of results) {
     printTable(`Statements per create, ${r.hosts} hosts`, r.statements.slice(0, 6).map((s) => ({ statement: s.statement, 'n/create': fmt(s.n, 2), 'ms/create': fmt(s.ms, 3) })));

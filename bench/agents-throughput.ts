@@ -1,0 +1,218 @@
+/**
+ * Throughput with agents — lifecycles/s (create a 1-GPU VM → running → delete → deleted) with 1, 2,
+ * 4 and 8 agents, one per in-memory B200 host, driven by one VmService placing across the whole
+ * fleet; the ratio is to the 1-agent point of the same invocation.
+ *
+ * Per point: a fresh database; per host an agent as `gpuvm agent` runs it (src/roles/agent.ts,
+ * startAgentRole: the agent lock and epoch, registration, effect worker, QEMU monitor, health
+ * monitor, Fabric Manager guard, reconciler, presence), each on a pool of its own (--agent-pool
+ * connections: eight agents with gpuvm's default of 10 plus their LISTEN and lock connections would
+ * come near this server's 100), all in this one process. Placement is fleet-wide: every create and
+ * delete goes through one API node's VmService with no local worker (its own pool,
+ * --api-pool), so each effect reaches its host's worker through NOTIFY — the fleet variant, not
+ * each host's own VmService pinned to it.
+ *
+ * Waiting, as `gpuvm vm create --wait` does: the long poll VmService.awaitChange — on a VmService of
+ * the VM's host's process (its agent's worker is local there, so it hears each step as that worker
+ * commits it). The API node's own long poll would read every 250 ms, which would bound the figure.
+ *
+ * Fixed concurrency: --per-agent lifecycles in flight per agent (8: one per GPU), each slot running
+ * lifecycles back to back for --seconds after --warmup-seconds. CPU: this process
+ * (process.cpuUsage) and the database's backends (/proc/<pid>/stat), over the measured span.
+ *
+ *   node --import tsx bench/agents-throughput.ts [--agents=1,2,4,8] [--per-agent=8] [--seconds=25]
+ *        [--warmup-seconds=3] [--agent-pool=6] [--api-pool=10] [--log=warn] [--pg-url=…]
+ */
+import { mkdtempSync, rmSync } from 'node:fs';
+import { cpus, loadavg, tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { sql } from 'kysely';
+import { loadConfig } from '../src/config.ts';
+import { VmService } from '../src/engine/vms.ts';
+import { startAgentRole, type AgentRole } from '../src/roles/agent.ts';
+import { retryPolicy } from '../src/service.ts';
+import { migrate, openDb, type Db } from '../src/store/db.ts';
+import type { VmRow } from '../src/store/projections.ts';
+import {
+  backendCpu,
+  BENCH_MARK,
+  benchLogger,
+  cpuBetween,
+  drained,
+  fmt,
+  freshDatabase,
+  listOption,
+  option,
+  printTable,
+  roundTrips,
+  RoundTripRecorder,
+  runMain,
+  summarize,
+  wallNow,
+  type Summary,
+} from './lib.ts';
+import { createMemoryHost } from './memory-host.ts';
+
+const DB_PREFIX = 'gpuvm_bench_t_';
+const END_STATES = new Set(['failed', 'crashed', 'deleted']);
+
+interface Point {
+  agents: number;
+  inFlight: number;
+  lifecycles: number;
+  wallS: number;
+  lcPerS: number;
+  latency: Summary;
+  nodeCpuMs: number;
+  pgCpuMs: number;
+  perHost: number[];
+  tx: number;
+  writingTx: number;
+  roundTrips: number;
+  connections: number;
+}
+
+async function until(waiter: VmService, vm: VmRow, states: string[]): Promise<VmRow> {
+  while (!states.includes(vm.state)) {
+    if (END_STATES.has(vm.state)) throw new Error(`VM ${vm.id} ended ${vm.state} while waiting for ${states.join('/')}: ${vm.reason ?? 'no reason'}`);
+    vm = await waiter.awaitChange(vm.id, vm.state, 60_000);
+  }
+  return vm;
+}
+
+async function measurePoint(agentCount: number, opts: { perAgent: number; seconds: number; warmupSeconds: number; agentPool: number; apiPool: number }): Promise<Point> {
+  const bench = await freshDatabase(`a${agentCount}`, DB_PREFIX);
+  const log = benchLogger();
+  const dataDir = mkdtempSync(join(tmpdir(), 'gpuvm-bench-agents-'));
+  const dbs: Db[] = [];
+  const roles: AgentRole[] = [];
+  try {
+    const api = await openDb({ databaseUrl: bench.url, poolSize: opts.apiPool });
+    dbs.push(api);
+    await migrate(api);
+    const hostIds = Array.from({ length: agentCount }, (_, i) => `agent-${i + 1}`);
+    const waiters = new Map<string, VmService>();
+    let config = loadConfig({ dataDir, databaseUrl: bench.url, port: 0, logLevel: 'warn' }, {});
+    const policy = retryPolicy(config);
+    for (const hostId of hostIds) {
+      config = loadConfig({ dataDir, databaseUrl: bench.url, hostId, port: 0, logLevel: 'warn' }, {});
+      const memory = await createMemoryHost(hostId);
+      const db = await openDb({ databaseUrl: bench.url, poolSize: opts.agentPool });
+      dbs.push(db);
+      const role = await startAgentRole(db, config, { log, policy, command: 'agent', host: memory.adapters });
+      roles.push(role);
+      // The VM's host's process long-polls with its worker local (see the file comment).
+      waiters.set(hostId, new VmService(db.kysely, { defaults: { ...role.vmDefaults }, policy, localWorkers: new Map([[hostId, role.worker]]), silentMs: config.agentSilentMs }));
+    }
+    await Promise.all(roles.map((r) => r.ready));
+    // The API node: places across every ready host; no local worker, so effects go out by NOTIFY.
+    const vms = new VmService(api.kysely, {
+      defaults: { memoryMiB: config.vmMemoryMiB, vcpus: config.vmVcpus, powerdownTimeoutMs: config.powerdownTimeoutMs ?? 30_000 },
+      policy,
+      silentMs: config.agentSilentMs,
+    });
+
+    const perHost = new Map<string, number>();
+    const latencies: number[] = [];
+    let measuring = false;
+    let stopAt = Infinity;
+    const slot = async () => {
+      while (wallNow() < stopAt) {
+        const t0 = wallNow();
+        const counted = measuring;
+        const vm = await vms.create({ gpus: 1, actor: 'bench' });
+        const waiter = waiters.get(vm.host_id)!;
+        await until(waiter, vm, ['running']);
+        await until(waiter, await vms.delete(vm.id, 'bench'), ['deleted']);
+        if (counted && measuring) {
+          latencies.push(wallNow() - t0);
+          perHost.set(vm.host_id, (perHost.get(vm.host_id) ?? 0) + 1);
+        }
+      }
+    };
+    const inFlight = opts.perAgent * agentCount;
+    const recorder = roundTrips();
+    const runners = Array.from({ length: inFlight }, () => slot());
+    await new Promise((r) => setTimeout(r, opts.warmupSeconds * 1000));
+    // Measured span: lifecycles that start after this and end before stopAt.
+    const rtBefore = recorder.snapshot();
+    const pgBefore = await backendCpu(bench.name);
+    const cpu = process.cpuUsage();
+    const started = wallNow();
+    measuring = true;
+    await new Promise((r) => setTimeout(r, opts.seconds * 1000));
+    const connections = (await sql<{ n: number }>`${sql.raw(BENCH_MARK)} select count(*)::int as n from pg_stat_activity where datname = current_database()`.execute(api.kysely)).rows[0]!.n;
+    const ended = wallNow();
+    const cpuUsed = process.cpuUsage(cpu);
+    const pgCpuMs = cpuBetween(pgBefore, await backendCpu(bench.name));
+    const rt = RoundTripRecorder.diff(recorder.snapshot(), rtBefore);
+    measuring = false;
+    stopAt = 0;
+    await Promise.all(runners);
+    await drained(api.kysely);
+    const done = latencies.length;
+    return {
+      agents: agentCount,
+      inFlight,
+      lifecycles: done,
+      wallS: (ended - started) / 1000,
+      lcPerS: (done * 1000) / (ended - started),
+      latency: summarize(latencies),
+      nodeCpuMs: (cpuUsed.user + cpuUsed.system) / 1000,
+      pgCpuMs,
+      perHost: hostIds.map((h) => perHost.get(h) ?? 0),
+      tx: rt.transactions,
+      writingTx: rt.writingTransactions,
+      roundTrips: KINDS.reduce((s, k) => s + rt.statements[k].n, 0),
+      connections,
+    };
+  } finally {
+    for (const r of roles.reverse()) await r.stop().catch((err) => console.error(err));
+    for (const d of dbs) await d.close().catch(() => {});
+    rmSync(dataDir, { recursive: true, force: true });
+    await bench.drop();
+  }
+}
+
+const KINDS = ['begin', 'commit', 'rollback', 'claim', 'select', 'insert', 'update', 'delete', 'notify', 'other'] as const;
+
+async function main(): Promise<void> {
+  const points = listOption('agents', [1, 2, 4, 8]);
+  const perAgent = option('per-agent', 8);
+  const seconds = option('seconds', 25);
+  const warmupSeconds = option('warmup-seconds', 3);
+  const agentPool = option('agent-pool', 6);
+  const apiPool = option('api-pool', 10);
+  roundTrips();
+  console.log(`throughput with agents: ${points.join(', ')} agents, ${perAgent} lifecycles in flight per agent, ${seconds} s each after ${warmupSeconds} s of warm-up; ${cpus().length} CPUs, load ${loadavg().map((l) => l.toFixed(2)).join(' ')}, ${new Date().toISOString()}`);
+  const results: Point[] = [];
+  for (const a of points) {
+    const p = await measurePoint(a, { perAgent, seconds, warmupSeconds, agentPool, apiPool });
+    results.push(p);
+    console.log(`  ${a} agent(s): ${fmt(p.lcPerS)} lc/s (${p.lifecycles} in ${fmt(p.wallS)} s), load ${loadavg()[0]!.toFixed(2)}`);
+  }
+  const ref = results.find((r) => r.agents === 1) ?? results[0]!;
+  const wallMs = (r: Point) => r.wallS * 1000;
+  printTable('Lifecycles/s, placed fleet-wide by one API node (ratio to 1 agent, same invocation)', results.map((r) => ({
+    agents: r.agents,
+    'in flight': r.inFlight,
+    lifecycles: r.lifecycles,
+    's': fmt(r.wallS, 1),
+    'lc/s': fmt(r.lcPerS, 1),
+    'ratio to 1': `${fmt(r.lcPerS / ref.lcPerS, 2)}×`,
+    'p50 ms': fmt(r.latency.p50, 1),
+    'p99 ms': fmt(r.latency.p99, 1),
+    'per host': r.perHost.join('/'),
+    'CPU node %': fmt((100 * r.nodeCpuMs) / wallMs(r), 0),
+    'CPU pg %': fmt((100 * r.pgCpuMs) / wallMs(r), 0),
+    'of 2 cores %': fmt((100 * (r.nodeCpuMs + r.pgCpuMs)) / (wallMs(r) * cpus().length), 0),
+    'CPU ms/lc node': fmt(r.nodeCpuMs / r.lifecycles, 2),
+    'CPU ms/lc pg': fmt(r.pgCpuMs / r.lifecycles, 2),
+    'tx/lc': fmt(r.tx / r.lifecycles, 1),
+    'writing tx/lc': fmt(r.writingTx / r.lifecycles, 1),
+    'round trips/lc': fmt(r.roundTrips / r.lifecycles, 1),
+    'connections': r.connections,
+  })));
+}
+
+runMain(import.meta.url, main);
