@@ -21,7 +21,7 @@
  * (process.cpuUsage) and the database's backends (/proc/<pid>/stat), over the measured span.
  *
  *   node --import tsx bench/agents-throughput.ts [--agents=1,2,4,8] [--per-agent=8] [--seconds=25]
- *        [--warmup-seconds=3] [--agent-pool=6] [--api-pool=10] [--log=warn] [--pg-url=…]
+ *        [--warmup-seconds=3] [--agent-pool=6] [--api-pool=10] [--local-reference=1] [--gaps=0] [--log=warn] [--pg-url=…]
  */
 import { mkdtempSync, rmSync } from 'node:fs';
 import { cpus, loadavg, tmpdir } from 'node:os';
@@ -47,6 +47,8 @@ import {
   roundTrips,
   RoundTripRecorder,
   runMain,
+  statementDiff,
+  stepGaps,
   summarize,
   wallNow,
   type Summary,
@@ -58,6 +60,7 @@ const END_STATES = new Set(['failed', 'crashed', 'deleted']);
 
 interface Point {
   agents: number;
+  variant: 'fleet' | 'local';
   inFlight: number;
   lifecycles: number;
   wallS: number;
@@ -70,6 +73,7 @@ interface Point {
   writingTx: number;
   roundTrips: number;
   connections: number;
+  statements: { statement: string; n: number; ms: number }[];
 }
 
 async function until(waiter: VmService, vm: VmRow, states: string[]): Promise<VmRow> {
@@ -80,8 +84,8 @@ async function until(waiter: VmService, vm: VmRow, states: string[]): Promise<Vm
   return vm;
 }
 
-async function measurePoint(agentCount: number, opts: { perAgent: number; seconds: number; warmupSeconds: number; agentPool: number; apiPool: number }): Promise<Point> {
-  const bench = await freshDatabase(`a${agentCount}`, DB_PREFIX);
+async function measurePoint(agentCount: number, variant: 'fleet' | 'local', opts: { perAgent: number; seconds: number; warmupSeconds: number; agentPool: number; apiPool: number }): Promise<Point> {
+  const bench = await freshDatabase(`a${agentCount}_${variant}`, DB_PREFIX);
   const log = benchLogger();
   const dataDir = mkdtempSync(join(tmpdir(), 'gpuvm-bench-agents-'));
   const dbs: Db[] = [];
@@ -116,14 +120,16 @@ async function measurePoint(agentCount: number, opts: { perAgent: number; second
     const latencies: number[] = [];
     let measuring = false;
     let stopAt = Infinity;
-    const slot = async () => {
+    const slot = async (i: number) => {
+      // local: slot i works through host i mod n's own VmService, pinned to it (figure 1's path).
+      const own = hostIds[i % hostIds.length]!;
       while (wallNow() < stopAt) {
         const t0 = wallNow();
         const counted = measuring;
-        const vm = await vms.create({ gpus: 1, actor: 'bench' });
+        const vm = variant === 'fleet' ? await vms.create({ gpus: 1, actor: 'bench' }) : await waiters.get(own)!.create({ gpus: 1, hostId: own, actor: 'bench' });
         const waiter = waiters.get(vm.host_id)!;
         await until(waiter, vm, ['running']);
-        await until(waiter, await vms.delete(vm.id, 'bench'), ['deleted']);
+        await until(waiter, await (variant === 'fleet' ? vms : waiter).delete(vm.id, 'bench'), ['deleted']);
         if (counted && measuring) {
           latencies.push(wallNow() - t0);
           perHost.set(vm.host_id, (perHost.get(vm.host_id) ?? 0) + 1);
@@ -132,10 +138,11 @@ async function measurePoint(agentCount: number, opts: { perAgent: number; second
     };
     const inFlight = opts.perAgent * agentCount;
     const recorder = roundTrips();
-    const runners = Array.from({ length: inFlight }, () => slot());
+    const runners = Array.from({ length: inFlight }, (_, i) => slot(i));
     await new Promise((r) => setTimeout(r, opts.warmupSeconds * 1000));
     // Measured span: lifecycles that start after this and end before stopAt.
     const rtBefore = recorder.snapshot();
+    const stBefore = new Map([...recorder.byStatement].map(([k, v]) => [k, { ...v }]));
     const pgBefore = await backendCpu(bench.name);
     const cpu = process.cpuUsage();
     const started = wallNow();
@@ -146,13 +153,17 @@ async function measurePoint(agentCount: number, opts: { perAgent: number; second
     const cpuUsed = process.cpuUsage(cpu);
     const pgCpuMs = cpuBetween(pgBefore, await backendCpu(bench.name));
     const rt = RoundTripRecorder.diff(recorder.snapshot(), rtBefore);
+    const statements = statementDiff(recorder.byStatement, stBefore);
     measuring = false;
     stopAt = 0;
     await Promise.all(runners);
     await drained(api.kysely);
+    const gaps = option('gaps', 0) === 1 ? await stepGaps(api.kysely) : [];
+    if (gaps.length > 0) printTable(`Step gaps, ${agentCount} agent(s) (ms between consecutive events of a lifecycle, db clock)`, gaps.map((g) => ({ step: g.step, n: g.n, p50: fmt(g.p50, 1), p90: fmt(g.p90, 1), max: fmt(g.max, 1) })));
     const done = latencies.length;
     return {
       agents: agentCount,
+      variant,
       inFlight,
       lifecycles: done,
       wallS: (ended - started) / 1000,
@@ -165,6 +176,7 @@ async function measurePoint(agentCount: number, opts: { perAgent: number; second
       writingTx: rt.writingTransactions,
       roundTrips: KINDS.reduce((s, k) => s + rt.statements[k].n, 0),
       connections,
+      statements,
     };
   } finally {
     for (const r of roles.reverse()) await r.stop().catch((err) => console.error(err));
@@ -186,15 +198,18 @@ async function main(): Promise<void> {
   roundTrips();
   console.log(`throughput with agents: ${points.join(', ')} agents, ${perAgent} lifecycles in flight per agent, ${seconds} s each after ${warmupSeconds} s of warm-up; ${cpus().length} CPUs, load ${loadavg().map((l) => l.toFixed(2)).join(' ')}, ${new Date().toISOString()}`);
   const results: Point[] = [];
-  for (const a of points) {
-    const p = await measurePoint(a, { perAgent, seconds, warmupSeconds, agentPool, apiPool });
+  const runs: { agents: number; variant: 'fleet' | 'local' }[] = points.map((a) => ({ agents: a, variant: 'fleet' }));
+  if (option('local-reference', 1) === 1) runs.push({ agents: 1, variant: 'local' });
+  for (const { agents: a, variant } of runs) {
+    const p = await measurePoint(a, variant, { perAgent, seconds, warmupSeconds, agentPool, apiPool });
     results.push(p);
-    console.log(`  ${a} agent(s): ${fmt(p.lcPerS)} lc/s (${p.lifecycles} in ${fmt(p.wallS)} s), load ${loadavg()[0]!.toFixed(2)}`);
+    console.log(`  ${a} agent(s), ${variant}: ${fmt(p.lcPerS)} lc/s (${p.lifecycles} in ${fmt(p.wallS)} s), load ${loadavg()[0]!.toFixed(2)}`);
   }
-  const ref = results.find((r) => r.agents === 1) ?? results[0]!;
+  const ref = results.find((r) => r.agents === 1 && r.variant === 'fleet') ?? results[0]!;
   const wallMs = (r: Point) => r.wallS * 1000;
-  printTable('Lifecycles/s, placed fleet-wide by one API node (ratio to 1 agent, same invocation)', results.map((r) => ({
+  printTable('Lifecycles/s: fleet = placed fleet-wide by one API node, effects by NOTIFY; local = each host\'s own VmService, pinned, effects handed over in-process (figure 1\'s path). Ratio to 1 agent, fleet, same invocation', results.map((r) => ({
     agents: r.agents,
+    variant: r.variant,
     'in flight': r.inFlight,
     lifecycles: r.lifecycles,
     's': fmt(r.wallS, 1),
@@ -213,6 +228,9 @@ async function main(): Promise<void> {
     'round trips/lc': fmt(r.roundTrips / r.lifecycles, 1),
     'connections': r.connections,
   })));
+  for (const r of results) {
+    printTable(`Round trips per lifecycle by statement, ${r.agents} agent(s), ${r.variant} (top 10 by count)`, [...r.statements].sort((a, b) => b.n - a.n).slice(0, 10).map((x) => ({ statement: x.statement, 'n/lc': fmt(x.n / r.lifecycles, 2), 'ms/lc': fmt(x.ms / r.lifecycles, 2) })));
+  }
 }
 
 runMain(import.meta.url, main);
