@@ -29,6 +29,7 @@ import { join } from 'node:path';
 import { sql } from 'kysely';
 import { loadConfig } from '../src/config.ts';
 import { VmService } from '../src/engine/vms.ts';
+import { GpuvmError } from '../src/errors.ts';
 import { startAgentRole, type AgentRole } from '../src/roles/agent.ts';
 import { retryPolicy } from '../src/service.ts';
 import { migrate, openDb, type Db } from '../src/store/db.ts';
@@ -74,6 +75,10 @@ interface Point {
   roundTrips: number;
   connections: number;
   statements: { statement: string; n: number; ms: number }[];
+  /** Creates refused 409 contention during the measured span (retried by the bench). */
+  contention: number;
+  /** readCandidates statements during the measured span: one per placement attempt. */
+  candidateReads: number;
 }
 
 async function until(waiter: VmService, vm: VmRow, states: string[]): Promise<VmRow> {
@@ -117,6 +122,7 @@ async function measurePoint(agentCount: number, variant: 'fleet' | 'local', opts
     });
 
     const perHost = new Map<string, number>();
+    let contention = 0;
     const latencies: number[] = [];
     let measuring = false;
     let stopAt = Infinity;
@@ -126,7 +132,17 @@ async function measurePoint(agentCount: number, variant: 'fleet' | 'local', opts
       while (wallNow() < stopAt) {
         const t0 = wallNow();
         const counted = measuring;
-        const vm = variant === 'fleet' ? await vms.create({ gpus: 1, actor: 'bench' }) : await waiters.get(own)!.create({ gpus: 1, hostId: own, actor: 'bench' });
+        let vm: VmRow;
+        for (;;) {
+          try {
+            vm = variant === 'fleet' ? await vms.create({ gpus: 1, actor: 'bench' }) : await waiters.get(own)!.create({ gpus: 1, hostId: own, actor: 'bench' });
+            break;
+          } catch (err) {
+            // 409 contention: 50 placement races lost in a row (see BENCHMARKS.md, figure 8). A client retries.
+            if (!(err instanceof GpuvmError && err.code === 'contention')) throw err;
+            if (measuring) contention++;
+          }
+        }
         const waiter = waiters.get(vm.host_id)!;
         await until(waiter, vm, ['running']);
         await until(waiter, await (variant === 'fleet' ? vms : waiter).delete(vm.id, 'bench'), ['deleted']);
@@ -177,6 +193,8 @@ async function measurePoint(agentCount: number, variant: 'fleet' | 'local', opts
       roundTrips: KINDS.reduce((s, k) => s + rt.statements[k].n, 0),
       connections,
       statements,
+      contention,
+      candidateReads: statements.filter((x) => x.statement.includes('shortlist as (')).reduce((a, x) => a + x.n, 0),
     };
   } finally {
     for (const r of roles.reverse()) await r.stop().catch((err) => console.error(err));
@@ -227,6 +245,8 @@ async function main(): Promise<void> {
     'writing tx/lc': fmt(r.writingTx / r.lifecycles, 1),
     'round trips/lc': fmt(r.roundTrips / r.lifecycles, 1),
     'connections': r.connections,
+    'placement tries/create': fmt(r.candidateReads / r.lifecycles, 2),
+    '409 contention': r.contention,
   })));
   for (const r of results) {
     printTable(`Round trips per lifecycle by statement, ${r.agents} agent(s), ${r.variant} (top 10 by count)`, [...r.statements].sort((a, b) => b.n - a.n).slice(0, 10).map((x) => ({ statement: x.statement, 'n/lc': fmt(x.n / r.lifecycles, 2), 'ms/lc': fmt(x.ms / r.lifecycles, 2) })));
