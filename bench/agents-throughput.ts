@@ -6,8 +6,9 @@
  * Per point: a fresh database; per host an agent as `gpuvm agent` runs it (src/roles/agent.ts,
  * startAgentRole: the agent lock and epoch, registration, effect worker, QEMU monitor, health
  * monitor, Fabric Manager guard, reconciler, presence), each on a pool of its own (--agent-pool
- * connections: eight agents with gpuvm's default of 10 plus their LISTEN and lock connections would
- * come near this server's 100), all in this one process. Placement is fleet-wide: every create and
+ * connections, default 2, against gpuvm's 10: the server allows 100 connections, shared with other
+ * jobs, and eight agents at 10 plus their LISTEN and lock connections took the rest and failed with
+ * "too many clients"), all in this one process. Placement is fleet-wide: every create and
  * delete goes through one API node's VmService with no local worker (its own pool,
  * --api-pool), so each effect reaches its host's worker through NOTIFY — the fleet variant, not
  * each host's own VmService pinned to it.
@@ -20,8 +21,8 @@
  * lifecycles back to back for --seconds after --warmup-seconds. CPU: this process
  * (process.cpuUsage) and the database's backends (/proc/<pid>/stat), over the measured span.
  *
- *   node --import tsx bench/agents-throughput.ts [--agents=1,2,4,8] [--per-agent=8] [--seconds=25]
- *        [--warmup-seconds=3] [--agent-pool=6] [--api-pool=10] [--local-reference=1] [--gaps=0] [--log=warn] [--pg-url=…]
+ *   node --import tsx bench/agents-throughput.ts [--agents=1,2,4,8] [--per-agent=8] [--seconds=20]
+ *        [--warmup-seconds=3] [--agent-pool=2] [--api-pool=3] [--local-reference=1] [--gaps=0] [--log=warn] [--pg-url=…]
  */
 import { mkdtempSync, rmSync } from 'node:fs';
 import { cpus, loadavg, tmpdir } from 'node:os';
@@ -154,7 +155,14 @@ async function measurePoint(agentCount: number, variant: 'fleet' | 'local', opts
     };
     const inFlight = opts.perAgent * agentCount;
     const recorder = roundTrips();
-    const runners = Array.from({ length: inFlight }, (_, i) => slot(i));
+    // A failing slot stops the others; every slot has settled before the databases close.
+    let failure: unknown = null;
+    const runners = Array.from({ length: inFlight }, (_, i) =>
+      slot(i).catch((err) => {
+        failure ??= err;
+        stopAt = 0;
+      }),
+    );
     await new Promise((r) => setTimeout(r, opts.warmupSeconds * 1000));
     // Measured span: lifecycles that start after this and end before stopAt.
     const rtBefore = recorder.snapshot();
@@ -164,6 +172,10 @@ async function measurePoint(agentCount: number, variant: 'fleet' | 'local', opts
     const started = wallNow();
     measuring = true;
     await new Promise((r) => setTimeout(r, opts.seconds * 1000));
+    if (failure) {
+      await Promise.all(runners);
+      throw failure;
+    }
     const connections = (await sql<{ n: number }>`${sql.raw(BENCH_MARK)} select count(*)::int as n from pg_stat_activity where datname = current_database()`.execute(api.kysely)).rows[0]!.n;
     const ended = wallNow();
     const cpuUsed = process.cpuUsage(cpu);
@@ -173,6 +185,7 @@ async function measurePoint(agentCount: number, variant: 'fleet' | 'local', opts
     measuring = false;
     stopAt = 0;
     await Promise.all(runners);
+    if (failure) throw failure;
     await drained(api.kysely);
     const gaps = option('gaps', 0) === 1 ? await stepGaps(api.kysely) : [];
     if (gaps.length > 0) printTable(`Step gaps, ${agentCount} agent(s) (ms between consecutive events of a lifecycle, db clock)`, gaps.map((g) => ({ step: g.step, n: g.n, p50: fmt(g.p50, 1), p90: fmt(g.p90, 1), max: fmt(g.max, 1) })));
@@ -209,10 +222,10 @@ const KINDS = ['begin', 'commit', 'rollback', 'claim', 'select', 'insert', 'upda
 async function main(): Promise<void> {
   const points = listOption('agents', [1, 2, 4, 8]);
   const perAgent = option('per-agent', 8);
-  const seconds = option('seconds', 25);
+  const seconds = option('seconds', 20);
   const warmupSeconds = option('warmup-seconds', 3);
-  const agentPool = option('agent-pool', 6);
-  const apiPool = option('api-pool', 10);
+  const agentPool = option('agent-pool', 2);
+  const apiPool = option('api-pool', 3);
   roundTrips();
   console.log(`throughput with agents: ${points.join(', ')} agents, ${perAgent} lifecycles in flight per agent, ${seconds} s each after ${warmupSeconds} s of warm-up; ${cpus().length} CPUs, load ${loadavg().map((l) => l.toFixed(2)).join(' ')}, ${new Date().toISOString()}`);
   const results: Point[] = [];
