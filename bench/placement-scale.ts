@@ -44,7 +44,7 @@ function captureCandidateReads(): void {
   (pg.Client.prototype as unknown as { query: (...args: unknown[]) => unknown }).query = function (this: object, ...args: unknown[]) {
     const first = args[0] as string | { text?: string; values?: unknown[] } | undefined;
     const text = typeof first === 'string' ? first : first?.text;
-    if (typeof text === 'string' && text.includes('shortlist as (')) {
+    if (typeof text === 'string' && text.startsWith(PREPARED) && text.includes('shortlist as (')) {
       const values = (typeof first === 'string' ? args[1] : first?.values) as unknown[];
       lastCandidateRead = { text, values: [...values] };
     }
