@@ -19,6 +19,9 @@ const FIGURES: { script: string; what: string }[] = [
   { script: 'recovery.ts', what: 'figure 3: recovery after SIGKILL' },
   { script: 'replay.ts', what: 'figure 4: replay rate' },
   { script: 'qemu-overhead.ts', what: 'figure 5: real QEMU overhead' },
+  { script: 'fragmentation.ts', what: 'figure 7: fragmentation, a fleet simulation through the real placement' },
+  { script: 'placement-scale.ts', what: 'figure 8: create latency with 1, 10, 100 and 1,000 hosts' },
+  { script: 'agents-throughput.ts', what: 'figure 9: lifecycles/s with 1, 2, 4 and 8 agents, placed fleet-wide' },
 ];
 
 const tsx = createRequire(import.meta.url).resolve('tsx');

@@ -77,30 +77,39 @@ export interface FleetCandidates {
  * it is advice: the claim's primary key and the partition's stream version decide (src/engine/vms.ts).
  */
 export async function readCandidates(db: Kysely<Database>, req: PlacementRequest, silentMs: number): Promise<FleetCandidates> {
+  // Most used first, and only as far as needed: the placeable hosts are ranked by their claims (one
+  // pass over gpu_claims), then each is checked for a fitting partition through its own index scans,
+  // in rank order, until SHORTLIST fit. The ranked subquery is kept whole (OFFSET 0) and the check is
+  // a LATERAL with LIMIT 1, so the plan is a nested loop reading the ranking in order and stopping at
+  // the LIMIT: a fleet of mostly full hosts costs the ranking plus a few dozen per-host checks, not a
+  // join of every free partition with every claim. The final ORDER BY restates the order.
   const { rows } = await sql<{ host_id: string; board: string; quarantined: Record<string, unknown>; claimed: number[]; partitions: { partitionId: number; modules: number[]; state: string }[]; vm_defaults: Record<string, unknown> | null }>`${sql.raw(PREPARED)}
-    with placeable as (
-      select h.id, h.board, h.quarantined_modules, a.vm_defaults
-      from hosts h join agents a on a.host_id = h.id
-      where h.state = 'ready' and h.silent_since is null and a.ready_at is not null and ${heardSql(silentMs)}
-        ${req.hostId === undefined ? sql`` : sql`and h.id = ${req.hostId}`}
-        ${req.board === undefined ? sql`` : sql`and h.board ~* ${`\\m${req.board}\\M`}`}
-    ),
-    fits as (
-      select distinct ph.id
-      from placeable ph join partitions p on p.host_id = ph.id
-      where p.size = ${req.size} and p.state = 'free'
-        and not exists (select 1 from gpu_claims c where c.host_id = p.host_id and p.modules @> to_jsonb(c.module_id))
-        and not exists (select 1 from jsonb_object_keys(ph.quarantined_modules) q where p.modules @> to_jsonb(q::int))
-    ),
-    shortlist as (
-      select f.id, (select count(*) from gpu_claims c where c.host_id = f.id) as used
-      from fits f order by used desc, f.id limit ${SHORTLIST}
+    with shortlist as (
+      select r.id, r.used, r.board, r.quarantined_modules, r.vm_defaults
+      from (
+        select h.id, h.board, h.quarantined_modules, a.vm_defaults, coalesce(u.used, 0) as used
+        from hosts h join agents a on a.host_id = h.id
+          left join (select c.host_id, count(*) as used from gpu_claims c group by c.host_id) u on u.host_id = h.id
+        where h.state = 'ready' and h.silent_since is null and a.ready_at is not null and ${heardSql(silentMs)}
+          ${req.hostId === undefined ? sql`` : sql`and h.id = ${req.hostId}`}
+          ${req.board === undefined ? sql`` : sql`and h.board ~* ${`\\m${req.board}\\M`}`}
+        order by used desc, h.id
+        offset 0
+      ) r
+      cross join lateral (
+        select 1 from partitions p
+        where p.host_id = r.id and p.size = ${req.size} and p.state = 'free'
+          and not exists (select 1 from gpu_claims c where c.host_id = p.host_id and p.modules @> to_jsonb(c.module_id))
+          and not exists (select 1 from jsonb_object_keys(r.quarantined_modules) q where p.modules @> to_jsonb(q::int))
+        limit 1
+      ) fits
+      limit ${SHORTLIST}
     )
-    select s.id as host_id, ph.board, ph.quarantined_modules as quarantined, ph.vm_defaults,
+    select s.id as host_id, s.board, s.quarantined_modules as quarantined, s.vm_defaults,
            (select coalesce(json_agg(c.module_id), '[]') from gpu_claims c where c.host_id = s.id) as claimed,
            (select json_agg(json_build_object('partitionId', p.partition_id, 'modules', p.modules, 'state', p.state) order by p.partition_id)
               from partitions p where p.host_id = s.id) as partitions
-    from shortlist s join placeable ph on ph.id = s.id
+    from shortlist s
     order by s.used desc, s.id`.execute(db);
   return {
     hosts: rows.map((r) => ({
