@@ -13,7 +13,7 @@ import { PREPARED } from '../store/db.ts';
 import type { Database } from '../store/schema.ts';
 import { applyEvent, commitSteps, prepareStep, type EffectPolicy, type LocalWorker } from './commands.ts';
 import { retrying } from './retrying.ts';
-import { GPU_COUNTS, place, type Demand, type GpuCount } from './placement.ts';
+import { GPU_COUNTS, place, type Demand, type GpuCount, type HostView } from './placement.ts';
 import { availability, readCandidates, readHostStatus, unreachableHosts, type BoardName } from './fleet.ts';
 import { crashPoint } from './crash-points.ts';
 
@@ -68,10 +68,21 @@ function newVmId(): string {
 /** The chosen partition was taken between reading the table and claiming it. */
 class PlacementRace extends Error {}
 
+/** Nothing fits but what this process's own creates are claiming. */
+class OwnClaimsInFlight extends Error {}
+
 export class VmService {
   private readonly policy: EffectPolicy;
   private readonly workers: ReadonlyMap<string, LocalWorker>;
   private demand: { mix: Demand; readAt: number } | null = null;
+  /**
+   * Modules this process is claiming right now, by host: a concurrent create of this process leaves
+   * them alone instead of choosing the same best partition and losing the race for it (placement is
+   * deterministic, so a burst of creates would otherwise all pick one partition, one winner a round).
+   */
+  private readonly claiming = new Map<string, Map<number, number>>();
+  /** One promise per claim of this process under way, resolved when it ends. */
+  private readonly claimsUnderWay = new Set<Promise<void>>();
 
   constructor(
     private readonly db: Kysely<Database>,
@@ -87,6 +98,35 @@ export class VmService {
     for (const worker of this.workers.values()) if (worker.snapshots.get(vmStream(vmId))) return worker;
     const row = await this.db.selectFrom('vms').select('host_id').where('id', '=', vmId).executeTakeFirst();
     return row ? this.workers.get(row.host_id) : undefined;
+  }
+
+  /** The hosts as placement sees them from this process: less the modules its own creates are claiming. */
+  private withClaiming(hosts: HostView[]): HostView[] {
+    if (this.claiming.size === 0) return hosts;
+    return hosts.map((h) => {
+      const mine = this.claiming.get(h.hostId);
+      return mine ? { ...h, unavailable: new Set([...h.unavailable, ...mine.keys()]) } : h;
+    });
+  }
+
+  /** Marks modules as being claimed by this process until the returned function is called. */
+  private claim(hostId: string, modules: number[]): () => void {
+    let ended!: () => void;
+    const underWay = new Promise<void>((resolve) => (ended = resolve));
+    this.claimsUnderWay.add(underWay);
+    let mine = this.claiming.get(hostId);
+    if (!mine) this.claiming.set(hostId, (mine = new Map()));
+    for (const m of modules) mine.set(m, (mine.get(m) ?? 0) + 1);
+    return () => {
+      for (const m of modules) {
+        const n = mine.get(m)! - 1;
+        if (n > 0) mine.set(m, n);
+        else mine.delete(m);
+      }
+      if (mine.size === 0) this.claiming.delete(hostId);
+      this.claimsUnderWay.delete(underWay);
+      ended();
+    };
   }
 
   /** The recent request mix (the last 1,000 creates by size), read at most every 10 s: what placement keeps room for. */
@@ -149,9 +189,15 @@ export class VmService {
         // together is guarded by the partition's stream version and the claims' primary key.
         const written = await retrying(async () => {
           const fleet = await readCandidates(this.db, { size, hostId: req.hostId, board: req.board }, this.opts.silentMs);
-          const decision = place(fleet.hosts, size, demand);
-          if (!decision) throw await this.noPlacement(req);
+          const decision = place(this.withClaiming(fleet.hosts), size, demand);
+          if (!decision) {
+            // Only this process's own creates in flight stand in the way: they may yet fail, so wait for one to end.
+            if (this.claiming.size > 0 && place(fleet.hosts, size, demand)) throw new OwnClaimsInFlight();
+            throw await this.noPlacement(req);
+          }
           const { chosen, runnerUp } = decision;
+          const release = this.claim(chosen.hostId, chosen.modules);
+          try {
           const worker = this.workers.get(chosen.hostId);
           const defaults = { ...this.opts.defaults, ...(fleet.vmDefaults.get(chosen.hostId) ?? {}) } as VmDefaults;
           const pStream = partitionStream(chosen.hostId, chosen.partitionId);
@@ -191,12 +237,25 @@ export class VmService {
           if (created.kind !== 'prepared') throw new Error(`vm ${vmId} could not be created`);
           const steps = await commitSteps(this.db, [claim, created], { snapshots, claimFor: worker?.claimOnWrite(), batcher: worker?.batcher });
           return { steps, worker };
+          } finally {
+            release();
+          }
         });
         crashPoint('event:CREATE:after-commit');
         for (const result of written.steps) written.worker?.handOver(result);
         return vmRow(written.steps[1]!.snapshot);
       } catch (err) {
-        if (err instanceof PlacementRace || isClaimConflict(err)) continue;
+        if (err instanceof OwnClaimsInFlight) {
+          // Those under way now; later ones cannot starve this request.
+          await Promise.all([...this.claimsUnderWay]);
+          attempt--;
+          continue;
+        }
+        if (err instanceof PlacementRace || isClaimConflict(err)) {
+          // Lost to another API node (or waiting on this one's): a short random pause spreads the retries.
+          await new Promise((r) => setTimeout(r, Math.random() * Math.min(2 + attempt, 20)));
+          continue;
+        }
         if (isUniqueViolation(err, 'vms_live_name')) throw conflict('name-taken', `a VM named ${JSON.stringify(name)} already exists`);
         throw err;
       }
