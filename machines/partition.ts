@@ -78,7 +78,11 @@ export const PARTITION_FAILURES_BEFORE_QUARANTINE = 2;
 export type PartitionEvent =
   /** `active`: fmpm -l showed it active at registration (absent in older histories: false); `strayQemu`: QEMUs alive then. */
   | { type: 'REGISTER'; hostId: string; partitionId: number; gpus: PartitionGpu[]; active?: boolean; strayQemu?: string[] }
-  | { type: 'CLAIM'; vmId: string }
+  /**
+   * `placement`: why this partition (src/engine/vms.ts): the policy, its score, the runner-up, how
+   * many hosts were scored and the request mix. For the record; the machine does not read it.
+   */
+  | { type: 'CLAIM'; vmId: string; placement?: Record<string, unknown> }
   | { type: 'GPUS_READY' }
   | { type: 'ACTIVATED'; outcome: 'activated' | 'already-active' }
   | { type: 'CONFIRMED_ACTIVE' }

@@ -9,12 +9,11 @@ import { badRequest, conflict, GpuvmError, notFound } from '../errors.ts';
 import { isUniqueViolation, readCorrelated, type Executor, type StoredEvent } from '../store/events.ts';
 import { readEffectsWithTries } from '../store/effects.ts';
 import { isClaimConflict, vmRow, type StreamSnapshot, type VmRow } from '../store/projections.ts';
-import { PREPARED } from '../store/db.ts';
 import type { Database } from '../store/schema.ts';
-import { applyEvent, commitSteps, prepareStep, type EffectPolicy, type LocalWorker } from './commands.ts';
+import { applyEvent, commitSteps, prepareStep, type ApplyResult, type EffectPolicy, type LocalWorker } from './commands.ts';
 import { retrying } from './retrying.ts';
-import { GPU_COUNTS, place, type Demand, type GpuCount, type HostView } from './placement.ts';
-import { availability, readCandidates, readHostStatus, unreachableHosts, type BoardName } from './fleet.ts';
+import { GPU_COUNTS, place, type Demand, type GpuCount, type HostView, type PlacementDecision } from './placement.ts';
+import { availability, readCandidates, readHostStatus, unreachableHosts, type BoardName, type FleetCandidates } from './fleet.ts';
 import { crashPoint } from './crash-points.ts';
 
 /** A VM in one of these has ended: it holds no GPUs and runs nothing. */
@@ -191,52 +190,13 @@ export class VmService {
           const fleet = await readCandidates(this.db, { size, hostId: req.hostId, board: req.board }, this.opts.silentMs);
           const decision = place(this.withClaiming(fleet.hosts), size, demand);
           if (!decision) {
-            // Only this process's own creates in flight stand in the way: they may yet fail, so wait for one to end.
+            // Only this process's own creates in flight stand in the way: they may yet fail, so wait for them.
             if (this.claiming.size > 0 && place(fleet.hosts, size, demand)) throw new OwnClaimsInFlight();
             throw await this.noPlacement(req);
           }
-          const { chosen, runnerUp } = decision;
-          const release = this.claim(chosen.hostId, chosen.modules);
+          const release = this.claim(decision.chosen.hostId, decision.chosen.modules);
           try {
-          const worker = this.workers.get(chosen.hostId);
-          const defaults = { ...this.opts.defaults, ...(fleet.vmDefaults.get(chosen.hostId) ?? {}) } as VmDefaults;
-          const pStream = partitionStream(chosen.hostId, chosen.partitionId);
-          const meta = { actor: req.actor, correlationId: vmId, causationId };
-          const snapshots = worker?.snapshots;
-          // Why here: the policy's score and the runner-up, for an incident review.
-          const placement = {
-            policy: decision.policy,
-            score: chosen.score,
-            runnerUp: runnerUp ? { hostId: runnerUp.hostId, partitionId: runnerUp.partitionId, score: runnerUp.score } : null,
-            candidates: fleet.hosts.length,
-            demand,
-          };
-          const claim = await prepareStep(this.db, pStream, { type: 'CLAIM', vmId, placement }, meta, this.policy, { snapshots });
-          // Another placement claimed it after we read the table: decide again on fresh state.
-          if (claim.kind !== 'prepared') throw new PlacementRace();
-          const ctx = claim.next.context as { gpus: { moduleId: number; pciAddress: string }[] };
-          const created = await prepareStep(
-            this.db,
-            vmStream(vmId),
-            {
-              type: 'CREATE',
-              vmId,
-              name,
-              hostId: chosen.hostId,
-              partitionId: chosen.partitionId,
-              gpus: [...ctx.gpus].sort((a, b) => a.moduleId - b.moduleId),
-              memoryMiB: defaults.memoryMiB,
-              vcpus: defaults.vcpus,
-              powerdownTimeoutMs: defaults.powerdownTimeoutMs,
-            },
-            meta,
-            this.policy,
-            // A new id: the stream does not exist yet (should it, the insert at version 1 fails).
-            { snapshot: null },
-          );
-          if (created.kind !== 'prepared') throw new Error(`vm ${vmId} could not be created`);
-          const steps = await commitSteps(this.db, [claim, created], { snapshots, claimFor: worker?.claimOnWrite(), batcher: worker?.batcher });
-          return { steps, worker };
+            return await this.claimAndCreate(req, { vmId, name, causationId }, decision, fleet, demand);
           } finally {
             release();
           }
@@ -252,7 +212,7 @@ export class VmService {
           continue;
         }
         if (err instanceof PlacementRace || isClaimConflict(err)) {
-          // Lost to another API node (or waiting on this one's): a short random pause spreads the retries.
+          // Lost to another API node: a short random pause spreads the retries of both.
           await new Promise((r) => setTimeout(r, Math.random() * Math.min(2 + attempt, 20)));
           continue;
         }
@@ -261,6 +221,57 @@ export class VmService {
       }
     }
     throw conflict('contention', 'could not place the VM: too many concurrent placements, try again');
+  }
+
+  /** The one statement that claims the chosen partition and creates the VM, with why it was chosen. */
+  private async claimAndCreate(
+    req: CreateVmRequest,
+    vm: { vmId: string; name: string; causationId: string },
+    decision: PlacementDecision,
+    fleet: FleetCandidates,
+    demand: Demand,
+  ): Promise<{ steps: Extract<ApplyResult, { kind: 'changed' }>[]; worker: LocalWorker | undefined }> {
+    const { vmId, name, causationId } = vm;
+    const { chosen, runnerUp } = decision;
+    const worker = this.workers.get(chosen.hostId);
+    const defaults = { ...this.opts.defaults, ...(fleet.vmDefaults.get(chosen.hostId) ?? {}) } as VmDefaults;
+    const pStream = partitionStream(chosen.hostId, chosen.partitionId);
+    const meta = { actor: req.actor, correlationId: vmId, causationId };
+    const snapshots = worker?.snapshots;
+    // Why here: the policy's score and the runner-up, for an incident review.
+    const placement = {
+      policy: decision.policy,
+      score: chosen.score,
+      runnerUp: runnerUp ? { hostId: runnerUp.hostId, partitionId: runnerUp.partitionId, score: runnerUp.score } : null,
+      candidates: fleet.hosts.length,
+      demand,
+    };
+    const claim = await prepareStep(this.db, pStream, { type: 'CLAIM', vmId, placement }, meta, this.policy, { snapshots });
+    // Another placement claimed it after we read the table: decide again on fresh state.
+    if (claim.kind !== 'prepared') throw new PlacementRace();
+    const ctx = claim.next.context as { gpus: { moduleId: number; pciAddress: string }[] };
+    const created = await prepareStep(
+      this.db,
+      vmStream(vmId),
+      {
+        type: 'CREATE',
+        vmId,
+        name,
+        hostId: chosen.hostId,
+        partitionId: chosen.partitionId,
+        gpus: [...ctx.gpus].sort((a, b) => a.moduleId - b.moduleId),
+        memoryMiB: defaults.memoryMiB,
+        vcpus: defaults.vcpus,
+        powerdownTimeoutMs: defaults.powerdownTimeoutMs,
+      },
+      meta,
+      this.policy,
+      // A new id: the stream does not exist yet (should it, the insert at version 1 fails).
+      { snapshot: null },
+    );
+    if (created.kind !== 'prepared') throw new Error(`vm ${vmId} could not be created`);
+    const steps = await commitSteps(this.db, [claim, created], { snapshots, claimFor: worker?.claimOnWrite(), batcher: worker?.batcher });
+    return { steps, worker };
   }
 
   /**
