@@ -26,8 +26,8 @@ import { createHandlers } from '../src/engine/handlers.ts';
 import { registerHost } from '../src/engine/hosts.ts';
 import { EffectWorker, type AgentLease, type RetryPolicy } from '../src/engine/worker.ts';
 import { declareJudged } from '../src/roles/agent.ts';
-import { EFFECTS_CHANNEL, type Db } from '../src/store/db.ts';
-import { BENCH_MARK } from './lib.ts';
+import type { Db } from '../src/store/db.ts';
+import { BENCH_MARK, sharedListener } from './lib.ts';
 import { createMemoryHost, type MemoryHost } from './memory-host.ts';
 
 /** HostAgent's epoch statement (src/engine/agent.ts, take()), verbatim. */
@@ -67,24 +67,6 @@ export async function inBatches<T>(items: readonly T[], width: number, fn: (item
   );
 }
 
-/** One LISTEN connection for every worker of the process; a notification's payload is the host id. */
-function sharedListener(db: Db): (hostId: string) => Db {
-  const byHost = new Map<string, (payload: string) => void>();
-  let started: Promise<() => Promise<void>> | null = null;
-  return (hostId) => ({
-    ...db,
-    async listen(channel, onNotify) {
-      if (channel !== EFFECTS_CHANNEL) throw new Error(`bench fleet: only ${EFFECTS_CHANNEL} is shared, not ${channel}`);
-      byHost.set(hostId, onNotify);
-      started ??= db.listen(EFFECTS_CHANNEL, (payload) => byHost.get(payload)?.(payload));
-      await started;
-      return async () => {
-        byHost.delete(hostId);
-      };
-    },
-    async close() {},
-  });
-}
 
 export interface FleetOptions {
   hosts: number;

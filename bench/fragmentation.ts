@@ -12,6 +12,7 @@
  */
 import { performance } from 'node:perf_hooks';
 import { SHORTLIST } from '../src/engine/fleet.ts';
+import { mulberry32 as rng } from '../src/seeded-random.ts';
 import { capacityOf, place, type Demand, type GpuCount, type HostView, type PartitionCandidate } from '../src/engine/placement.ts';
 import { fmt, option, printTable, runMain } from './lib.ts';
 
@@ -46,17 +47,6 @@ const fits = (h: HostView, p: PartitionCandidate, n: number): boolean => p.state
 
 // ── the trace ────────────────────────────────────────────────────────────────
 
-/** mulberry32: a small, fast, seeded generator (the trace must be the same for every policy). */
-function rng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 interface Request {
   at: number; // hours

@@ -23,6 +23,7 @@ import type { VmRow } from '../src/store/projections.ts';
 import type { Logger } from '../src/log.ts';
 import { startService, type Service } from '../src/service.ts';
 import type { Database } from '../src/store/schema.ts';
+import { EFFECTS_CHANNEL, type Db } from '../src/store/db.ts';
 import { createMemoryHost, type MemoryHost } from './memory-host.ts';
 
 // ── options ──────────────────────────────────────────────────────────────────
@@ -798,4 +799,27 @@ export function summarizeCpuProfile(profile: { nodes: ProfileNode[]; samples: nu
     byPackage: [...byPackage].map(([w, ms]) => ({ where: w, ms })).sort((a, b) => b.ms - a.ms),
     byFunction: [...byFunction.values()].sort((a, b) => b.ms - a.ms),
   };
+}
+
+/**
+ * One LISTEN connection for every worker of the process: each worker's listen() registers its
+ * callback here, and a notification (its payload is the host id) goes to that host's worker.
+ */
+export function sharedListener(db: Db): (hostId: string) => Db {
+  const byHost = new Map<string, (payload: string) => void>();
+  let started: Promise<unknown> | null = null;
+  return (hostId) => ({
+    ...db,
+    async listen(channel, onNotify) {
+      if (channel !== EFFECTS_CHANNEL) throw new Error(`bench: only ${EFFECTS_CHANNEL} is shared between workers, not ${channel}`);
+      byHost.set(hostId, onNotify);
+      started ??= db.listen(EFFECTS_CHANNEL, (payload) => byHost.get(payload)?.(payload));
+      await started;
+      return async () => {
+        byHost.delete(hostId);
+      };
+    },
+    // The process closes the real database once, after every worker has stopped.
+    async close() {},
+  });
 }

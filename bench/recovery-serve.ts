@@ -33,8 +33,8 @@ import { HostAgent } from '../src/engine/agent.ts';
 import type { HostAdapters } from '../src/host/host.ts';
 import type { QemuVmSpec } from '../src/host/qemu.ts';
 import { retryPolicy } from '../src/service.ts';
-import { EFFECTS_CHANNEL, migrate, openDb, type Db } from '../src/store/db.ts';
-import { option, wallNow } from './lib.ts';
+import { migrate, openDb } from '../src/store/db.ts';
+import { option, sharedListener, wallNow } from './lib.ts';
 import { createMemoryHost, type MemoryHost } from './memory-host.ts';
 
 interface PersistedHost {
@@ -93,28 +93,6 @@ function persistent(memory: MemoryHost, file: string): HostAdapters {
   return { ...a, fmpm: wrap('fmpm', a.fmpm), sysfs: wrap('sysfs', a.sysfs), qemu: wrap('qemu', a.qemu) };
 }
 
-/**
- * One LISTEN connection for every worker of the process: each worker's listen() registers its
- * callback here, and a notification (its payload is the host id) goes to that host's worker.
- */
-function sharedListener(db: Db): (hostId: string) => Db {
-  const byHost = new Map<string, (payload: string) => void>();
-  let started: Promise<unknown> | null = null;
-  return (hostId) => ({
-    ...db,
-    async listen(channel, onNotify) {
-      if (channel !== EFFECTS_CHANNEL) throw new Error(`recovery-serve: only ${EFFECTS_CHANNEL} is shared, not ${channel}`);
-      byHost.set(hostId, onNotify);
-      started ??= db.listen(EFFECTS_CHANNEL, (payload) => byHost.get(payload)?.(payload));
-      await started;
-      return async () => {
-        byHost.delete(hostId);
-      };
-    },
-    // The process closes the real database once, after every worker has stopped.
-    async close() {},
-  });
-}
 
 async function main(): Promise<void> {
   const startedAt = wallNow();

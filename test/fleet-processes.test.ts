@@ -15,6 +15,7 @@ import { partitionHoldsClaim } from '../machines/index.ts';
 import { Fmpm } from '../src/host/fmpm.ts';
 import { Qemu } from '../src/host/qemu.ts';
 import { Sysfs } from '../src/host/sysfs.ts';
+import { mulberry32 as rng } from '../src/seeded-random.ts';
 import { loadSimHost, stopSimKernel } from '../src/host/sim/sim-host.ts';
 import { openDb, type Db } from '../src/store/db.ts';
 import { freePort, http } from './support/child.ts';
@@ -70,17 +71,6 @@ function spawnGpuvm(name: string, args: string[], databaseUrl: string): Proc {
   };
 }
 
-/** A seeded PRNG (mulberry32): a failing run is repeated with GPUVM_FLEET_SEED. */
-function rng(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 const procs: Proc[] = [];
 const dirs: string[] = [];

@@ -17,6 +17,7 @@ import { z } from 'zod';
 import { isPciAddress, parsePciAddress } from '../pci.ts';
 import { layOutHostFiles } from './host-files.ts';
 import { pidAlive } from './kernel.ts';
+import { mulberry32 } from '../../seeded-random.ts';
 
 export const SIM_BOARDS = ['b200', 'b300', 'h100', 'h200'] as const;
 export type SimBoard = (typeof SIM_BOARDS)[number];
@@ -145,17 +146,6 @@ const hostJsonSchema = z.object({
   partitions: z.array(z.object({ id: z.number().int().nonnegative(), modules: z.array(z.number().int().positive()).min(1) })).min(1),
 });
 
-// ── deterministic randomness ─────────────────────────────────────────────────
-function mulberry32(seed: number): () => number {
-  let a = seed >>> 0;
-  return () => {
-    a = (a + 0x6d2b79f5) >>> 0;
-    let t = a;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 /** A seeded permutation of 1..8 that is never the identity (real boards never number in PCI order). */
 function shuffledModules(random: () => number): number[] {
