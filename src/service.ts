@@ -170,23 +170,22 @@ async function startApi(
   }
 }
 
-/** `gpuvm serve --no-agent`: an API node for a fleet whose agents run elsewhere (Postgres only). */
-export async function startApiNode(config: Config, opts: { log?: Logger } = {}): Promise<ApiNode> {
-  const log = opts.log ?? createLogger(config.logLevel);
-  if (!config.databaseUrl) throw new ConfigError('an API node without an agent needs a shared Postgres (DATABASE_URL): the embedded database serves one process');
-  const { db, release } = await openStore(config, 'serve', log);
+/**
+ * Opens the store and starts `start` on it. What it returns stops the store with it (once); a start
+ * that throws has stopped what it started, and the store is closed after it.
+ */
+async function onStore<T extends { stop(): Promise<void> }>(config: Config, command: string, log: Logger, start: (db: Db) => Promise<T>): Promise<T & { db: Db }> {
+  const { db, release } = await openStore(config, command, log);
   try {
-    const node = await startApi(config, db, log, [], () => true);
+    const started = await start(db);
     let stopped = false;
     return {
-      config,
+      ...started,
       db,
-      log,
-      ...node,
       async stop() {
         if (stopped) return;
         stopped = true;
-        await node.close();
+        await started.stop();
         await db.close();
         release();
       },
@@ -196,6 +195,16 @@ export async function startApiNode(config: Config, opts: { log?: Logger } = {}):
     release();
     throw err;
   }
+}
+
+/** `gpuvm serve --no-agent`: an API node for a fleet whose agents run elsewhere (Postgres only). */
+export async function startApiNode(config: Config, opts: { log?: Logger } = {}): Promise<ApiNode> {
+  const log = opts.log ?? createLogger(config.logLevel);
+  if (!config.databaseUrl) throw new ConfigError('an API node without an agent needs a shared Postgres (DATABASE_URL): the embedded database serves one process');
+  return onStore(config, 'serve', log, async (db) => {
+    const node = await startApi(config, db, log, [], () => true);
+    return { config, log, ...node, stop: () => node.close() };
+  });
 }
 
 /** `gpuvm agent`: one host's agent against a shared Postgres, serving nothing. */
@@ -205,75 +214,57 @@ export async function startAgentNode(
 ): Promise<AgentRole & { log: Logger; db: Db }> {
   const log = opts.log ?? createLogger(config.logLevel);
   if (!config.databaseUrl) throw new ConfigError('gpuvm agent needs a shared Postgres (DATABASE_URL): the embedded database serves one process');
-  const { db, release } = await openStore(config, 'agent', log);
-  try {
+  return onStore(config, 'agent', log, async (db) => {
     const role = await startAgentRole(db, config, { log, policy: retryPolicy(config), command: 'agent', hostConfig: opts.hostConfig, sim: opts.sim });
-    return {
-      ...role,
-      log,
-      db,
-      async stop() {
-        await role.stop();
-        await db.close();
-        release();
-      },
-    };
-  } catch (err) {
-    await db.close().catch(() => {});
-    release();
-    throw err;
-  }
+    return { ...role, log };
+  });
 }
 
 export async function startService(config: Config, opts: StartOptions = {}): Promise<Service> {
   const log = opts.log ?? createLogger(config.logLevel);
-  const { db, release } = await openStore(config, 'serve', log);
-  const agents: AgentRole[] = [];
-  try {
-    const policy = retryPolicy(config);
-    if (opts.host || opts.hostConfig) {
-      agents.push(await startAgentRole(db, config, { log, policy, command: 'serve', host: opts.host, hostConfig: opts.hostConfig }));
-    } else {
-      for (const sim of simFleet(config, opts.simHosts)) agents.push(await startAgentRole(db, config, { log, policy, command: 'serve', sim }));
-    }
-    let isReady = false;
-    const ready = Promise.all(agents.map((a) => a.ready)).then(() => {
-      isReady = true;
-      log.info({ hosts: agents.map((a) => a.hostId) }, 'first reconciliation done: accepting creates');
-    });
-    ready.catch(() => {});
-    const node = await startApi(config, db, log, agents, () => isReady);
-    if (opts.waitReady !== false) await ready;
-
-    const first = agents[0]!;
-    let stopped = false;
-    return {
-      config,
-      db,
-      log,
-      ...node,
-      agents,
-      host: first.host,
-      worker: first.worker,
-      monitor: first.monitor,
-      health: first.health,
-      fabricManager: first.fabricManager,
-      reconciler: first.reconciler,
-      agent: first.agent,
-      ready,
-      async stop() {
-        if (stopped) return;
-        stopped = true;
-        await node.close();
-        for (const a of agents) await a.stop();
-        await db.close();
-        release();
-      },
+  return onStore(config, 'serve', log, async (db) => {
+    const agents: AgentRole[] = [];
+    let node: Awaited<ReturnType<typeof startApi>> | null = null;
+    const stop = async () => {
+      await node?.close();
+      for (const a of agents) await a.stop();
     };
-  } catch (err) {
-    for (const a of agents.reverse()) await a.stop().catch(() => {});
-    await db.close().catch(() => {});
-    release();
-    throw err;
-  }
+    try {
+      const policy = retryPolicy(config);
+      if (opts.host || opts.hostConfig) {
+        agents.push(await startAgentRole(db, config, { log, policy, command: 'serve', host: opts.host, hostConfig: opts.hostConfig }));
+      } else {
+        for (const sim of simFleet(config, opts.simHosts)) agents.push(await startAgentRole(db, config, { log, policy, command: 'serve', sim }));
+      }
+      let isReady = false;
+      const ready = Promise.all(agents.map((a) => a.ready)).then(() => {
+        isReady = true;
+        log.info({ hosts: agents.map((a) => a.hostId) }, 'first reconciliation done: accepting creates');
+      });
+      ready.catch(() => {});
+      node = await startApi(config, db, log, agents, () => isReady);
+      if (opts.waitReady !== false) await ready;
+
+      const first = agents[0]!;
+      return {
+        config,
+        log,
+        ...node,
+        agents,
+        host: first.host,
+        worker: first.worker,
+        monitor: first.monitor,
+        health: first.health,
+        fabricManager: first.fabricManager,
+        reconciler: first.reconciler,
+        agent: first.agent,
+        ready,
+        stop,
+      };
+    } catch (err) {
+      await node?.close().catch(() => {});
+      for (const a of agents.reverse()) await a.stop().catch(() => {});
+      throw err;
+    }
+  });
 }
